@@ -1,0 +1,1 @@
+"""The wire contract: generated gRPC stubs and the update codec."""
