@@ -1,0 +1,111 @@
+"""A client's link to the gateways: deadlines, retries with backoff, failover."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+import grpc
+
+from proto import fedq_v1_pb2_grpc as pb_grpc
+
+__all__ = ["GatewayLink", "RetryPolicy", "TRANSIENT_CODES"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+TRANSIENT_CODES = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.ABORTED,
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.DATA_LOSS,  # a stream cut mid-way arrives truncated
+    }
+)
+
+_CHANNEL_OPTIONS = [
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.enable_retries", 0),  # retries are ours, with idempotency keys
+]
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff with full jitter."""
+
+    attempts: int = 8
+    base_s: float = 0.2
+    max_s: float = 10.0
+    call_timeout_s: float = 120.0
+
+    def delay(self, attempt: int, rng: random.Random) -> float:
+        """Seconds to wait before attempt ``attempt + 1``."""
+        return rng.uniform(0, min(self.max_s, self.base_s * 2**attempt))
+
+
+class GatewayLink:
+    """Channels to one or more gateways; calls fail over to the next on transient errors."""
+
+    def __init__(self, addresses: list[str], *, policy: RetryPolicy, seed: int = 0) -> None:
+        if not addresses:
+            raise ValueError("at least one gateway address is needed")
+        self._addresses = list(addresses)
+        self._policy = policy
+        self._rng = random.Random(seed)
+        self._index = self._rng.randrange(len(addresses))
+        self._channel: grpc.aio.Channel | None = None
+        self._stub: pb_grpc.FederationStub | None = None
+
+    @property
+    def stub(self) -> pb_grpc.FederationStub:
+        """Stub on the current gateway's channel."""
+        if self._stub is None:
+            address = self._addresses[self._index]
+            self._channel = grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS)
+            self._stub = pb_grpc.FederationStub(self._channel)
+        return self._stub
+
+    @property
+    def timeout_s(self) -> float:
+        """Deadline of one call."""
+        return self._policy.call_timeout_s
+
+    async def call(self, what: str, attempt: Callable[[pb_grpc.FederationStub], Awaitable[T]]) -> T:
+        """Run ``attempt`` with retries; non-transient errors propagate at once."""
+        last: grpc.aio.AioRpcError | None = None
+        for n in range(self._policy.attempts):
+            try:
+                return await attempt(self.stub)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() not in TRANSIENT_CODES:
+                    raise
+                last = exc
+                delay = self._policy.delay(n, self._rng)
+                log.warning("%s failed (%s: %s); retry %d in %.2fs", what, exc.code().name,
+                            exc.details(), n + 1, delay)
+                await self.fail_over()
+                await asyncio.sleep(delay)
+        assert last is not None
+        raise last
+
+    async def fail_over(self) -> None:
+        """Drop the current channel and move to the next gateway."""
+        if self._channel is not None:
+            await self._channel.close()
+        self._channel = self._stub = None
+        self._index = (self._index + 1) % len(self._addresses)
+
+    async def close(self) -> None:
+        """Close the channel; harmless twice."""
+        if self._channel is not None:
+            await self._channel.close()
+            self._channel = self._stub = None

@@ -1,0 +1,1 @@
+"""Coordinator: hands out training plans, checks privacy budgets and merges updates."""

@@ -1,0 +1,322 @@
+"""The Federation service: Join, FetchModel, SubmitUpdate and WatchRounds."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import grpc
+
+from coordinator.errors import (
+    AuthError,
+    BudgetExhaustedError,
+    ConflictError,
+    CoordinatorError,
+    InvalidUpdateError,
+    NotParticipantError,
+    RoundStateError,
+    UnavailableError,
+    grpc_status_of,
+)
+from coordinator.gateway.uploads import read_header, read_payload
+from coordinator.gateway.watcher import RoundWatcher
+from coordinator.settings import GatewaySettings
+from fedq import metrics
+from fedq.plan import TrainingPlan
+from fedq.queue import QueueUnavailableError, UpdateQueue
+from fedq.queue.message import QueuedUpdate
+from fedq.state import RoundStore
+from fedq.tensors import ModelSpec
+from proto import fedq_v1_pb2 as pb
+from proto import fedq_v1_pb2_grpc as pb_grpc
+from proto.codec import CodecError, decode_tensors, validate_update
+
+__all__ = ["FederationServicer", "plan_to_proto"]
+
+log = logging.getLogger(__name__)
+
+_CLIENT_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_WATCH_HEARTBEAT_S = 15.0
+
+
+class FederationServicer(pb_grpc.FederationServicer):
+    """Implements the wire contract over the shared store and the update queue."""
+
+    def __init__(
+        self,
+        *,
+        store: RoundStore,
+        queue: UpdateQueue,
+        settings: GatewaySettings,
+        watcher: RoundWatcher,
+        ledger: Any | None = None,
+    ) -> None:
+        self._store = store
+        self._queue = queue
+        self._settings = settings
+        self._watcher = watcher
+        self._ledger = ledger
+        self._spec: ModelSpec | None = None
+        self._models: dict[int, tuple[bytes, str]] = {}
+
+    # -- Join -------------------------------------------------------------------------------
+
+    async def Join(self, request: pb.JoinRequest, context: grpc.aio.ServicerContext) -> pb.JoinReply:
+        async with _as_grpc_status(context, "Join"):
+            if not _CLIENT_ID.match(request.client_id):
+                raise InvalidUpdateError(
+                    f"client_id {request.client_id[:64]!r}: expected 1-128 letters, digits, '.', '_', ':', '-'"
+                )
+            if request.protocol and request.protocol != "fedq.v1":
+                raise InvalidUpdateError(f"protocol {request.protocol!r} is not served; use fedq.v1")
+            if not 0 < request.num_examples <= self._settings.max_examples:
+                raise InvalidUpdateError(
+                    f"num_examples {request.num_examples}: expected 1..{self._settings.max_examples}"
+                )
+
+            federation = await self._store.federation()
+            capabilities = {
+                "samples_per_second": request.capabilities.samples_per_second,
+                "memory_bytes": request.capabilities.memory_bytes,
+                "upload_bytes_per_second": request.capabilities.upload_bytes_per_second,
+                "codecs": list(request.capabilities.codecs),
+            }
+            token = await self._store.register_client(
+                request.client_id, num_examples=request.num_examples, capabilities=capabilities
+            )
+
+            current = federation.current_round if federation else 0
+            plan = await self._store.plan_for(current, request.client_id) if current else None
+            log.info("client %s joined with %d examples", request.client_id, request.num_examples)
+            return pb.JoinReply(
+                token=token,
+                current_round=current,
+                plan=plan_to_proto(plan) if plan else None,
+                model_name=federation.model_name if federation else "",
+            )
+
+    # -- FetchModel -------------------------------------------------------------------------
+
+    async def FetchModel(
+        self, request: pb.FetchModelRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ModelChunk]:
+        async with _as_grpc_status(context, "FetchModel"):
+            await self._authenticate(request.client_id, request.token)
+            round_id = request.round or self._watcher.state.round
+            if round_id < 1:
+                raise RoundStateError("no round has opened yet")
+            blob, digest = await self._model(round_id)
+            if request.offset > len(blob):
+                raise InvalidUpdateError(
+                    f"offset {request.offset} is past the model's {len(blob)} bytes"
+                )
+
+        step = self._settings.chunk_bytes
+        for start in range(request.offset, len(blob), step):
+            yield pb.ModelChunk(
+                round=round_id,
+                offset=start,
+                total_size=len(blob),
+                digest=digest,
+                data=blob[start : start + step],
+            )
+
+    # -- SubmitUpdate -----------------------------------------------------------------------
+
+    async def SubmitUpdate(
+        self, request_iterator: AsyncIterator[pb.UpdateChunk], context: grpc.aio.ServicerContext
+    ) -> pb.SubmitReply:
+        async with _as_grpc_status(context, "SubmitUpdate"):
+            header = await read_header(request_iterator)
+            metrics.UPDATES_RECEIVED.inc()
+            await self._authenticate(header.client_id, header.token)
+
+            if await self._store.is_accepted(header.round, header.update_id):
+                log.info("round %d: update %s from %s is a duplicate", header.round,
+                         header.update_id, header.client_id)
+                return pb.SubmitReply(
+                    outcome=pb.SubmitReply.DUPLICATE,
+                    update_id=header.update_id,
+                    message="already accepted",
+                )
+            await self._check_admissible(header)
+
+            spec = await self._model_spec()
+            payload = await read_payload(
+                request_iterator, header, max_bytes=self._max_update_bytes(spec)
+            )
+            await asyncio.get_running_loop().run_in_executor(
+                None, self._check_tensors, payload, spec
+            )
+
+            await self._enqueue(header, payload)
+            metrics.UPDATES_ACCEPTED.inc()
+            log.info("round %d: accepted update %s from %s (%d examples, %d bytes)",
+                     header.round, header.update_id, header.client_id, header.num_examples,
+                     len(payload))
+            return pb.SubmitReply(
+                outcome=pb.SubmitReply.ACCEPTED, update_id=header.update_id, message="accepted"
+            )
+
+    # -- WatchRounds ------------------------------------------------------------------------
+
+    async def WatchRounds(
+        self, request: pb.WatchRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.RoundEvent]:
+        async with _as_grpc_status(context, "WatchRounds"):
+            await self._authenticate(request.client_id, request.token)
+
+        self._watcher.add_watcher(request.client_id)
+        try:
+            async for event in self._round_events(request.client_id, request.after_round):
+                yield event
+        finally:
+            self._watcher.remove_watcher(request.client_id)
+
+    async def _round_events(self, client_id: str, after_round: int) -> AsyncIterator[pb.RoundEvent]:
+        opened_sent = closed_sent = after_round
+        version = -1
+        while True:
+            state = self._watcher.state
+            if state.round > opened_sent and state.round_status == "open":
+                opened_sent = state.round
+                yield await self._opened_event(client_id, state.round, state)
+            if state.round > closed_sent and state.round_status not in ("open", ""):
+                closed_sent = opened_sent = max(opened_sent, state.round)
+                yield pb.RoundEvent(kind=pb.RoundEvent.CLOSED, round=state.round)
+            if state.federation_status == "finished":
+                yield pb.RoundEvent(kind=pb.RoundEvent.FINISHED, round=state.round)
+                return
+            version = await self._watcher.wait_change(version, timeout_s=_WATCH_HEARTBEAT_S)
+
+    async def _opened_event(self, client_id: str, round_id: int, state: Any) -> pb.RoundEvent:
+        plan = await self._store.plan_for(round_id, client_id)
+        return pb.RoundEvent(
+            kind=pb.RoundEvent.OPENED,
+            round=round_id,
+            selected=plan is not None,
+            plan=plan_to_proto(plan) if plan else None,
+            model_digest=state.model_digest,
+            deadline_unix=state.deadline,
+            reason="" if plan else "not selected for this round",
+        )
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    async def _authenticate(self, client_id: str, token: str) -> None:
+        if not await self._store.check_token(client_id, token):
+            raise AuthError("unknown client or invalid token; call Join again")
+
+    async def _check_admissible(self, header: pb.UpdateHeader) -> None:
+        status = await self._store.round_status(header.round)
+        if status is None:
+            raise RoundStateError(f"round {header.round} does not exist")
+        if status != "open":
+            raise RoundStateError(f"round {header.round} is {status}; it no longer takes updates")
+
+        plan = await self._store.plan_for(header.round, header.client_id)
+        if plan is None:
+            raise NotParticipantError(
+                f"client {header.client_id} is not a participant of round {header.round}"
+            )
+        if self._ledger is not None:
+            spent = await self._ledger.spent(header.client_id)
+            budget = await self._ledger.budget(header.client_id)
+            if spent > budget + 1e-9:
+                raise BudgetExhaustedError(
+                    f"privacy budget exhausted: ε spent {spent:.3f} of {budget:.3f} allowed"
+                )
+
+        earlier = await self._store.submission_of(header.round, header.client_id)
+        if earlier is not None and earlier != header.update_id:
+            raise ConflictError(
+                f"client {header.client_id} already submitted update {earlier} "
+                f"for round {header.round}"
+            )
+        if header.num_examples > self._settings.max_examples:
+            raise InvalidUpdateError(
+                f"num_examples {header.num_examples} exceeds {self._settings.max_examples}"
+            )
+
+    def _check_tensors(self, payload: bytes, spec: ModelSpec) -> None:
+        try:
+            tensors = decode_tensors(payload, max_bytes=spec.update_nbytes)
+            validate_update(tensors, spec, max_abs_value=self._settings.max_abs_value)
+        except CodecError as exc:
+            raise InvalidUpdateError(str(exc)) from exc
+
+    async def _enqueue(self, header: pb.UpdateHeader, payload: bytes) -> None:
+        message = QueuedUpdate(
+            update_id=header.update_id,
+            round=header.round,
+            client_id=header.client_id,
+            num_examples=header.num_examples,
+            codec=header.codec,
+            payload=payload,
+            accepted_at=time.time(),
+        )
+        try:
+            await self._queue.publish(
+                message.encode(), message_id=header.update_id, headers={"round": header.round}
+            )
+        except QueueUnavailableError as exc:
+            raise UnavailableError(f"update not queued, please retry: {exc}") from exc
+        await self._store.record_accepted(
+            header.round, client_id=header.client_id, update_id=header.update_id
+        )
+
+    async def _model_spec(self) -> ModelSpec:
+        if self._spec is None:
+            federation = await self._store.federation()
+            if federation is None:
+                raise RoundStateError("the federation has not started")
+            self._spec = federation.spec
+        return self._spec
+
+    def _max_update_bytes(self, spec: ModelSpec) -> int:
+        if self._settings.max_update_bytes:
+            return self._settings.max_update_bytes
+        # Lossless compression can grow incompressible data slightly; the envelope adds
+        # names and shapes.
+        return int(spec.update_nbytes * 1.05) + 64 * 1024
+
+    async def _model(self, round_id: int) -> tuple[bytes, str]:
+        cached = self._models.get(round_id)
+        if cached is not None:
+            return cached
+        found = await self._store.model(round_id)
+        if found is None:
+            raise RoundStateError(f"round {round_id} has no model")
+        self._models = {r: m for r, m in self._models.items() if r > round_id - 2}
+        self._models[round_id] = found
+        return found
+
+
+def plan_to_proto(plan: TrainingPlan) -> pb.TrainingPlan:
+    """Protobuf form of a training plan."""
+    return pb.TrainingPlan(**plan.to_dict())
+
+
+@asynccontextmanager
+async def _as_grpc_status(context: grpc.aio.ServicerContext, rpc: str) -> AsyncIterator[None]:
+    """Turn our errors into a status with a clear message; anything else into INTERNAL."""
+    try:
+        yield
+    except CoordinatorError as exc:
+        code, message, reason = grpc_status_of(exc)
+        if rpc == "SubmitUpdate":
+            metrics.UPDATES_REJECTED.labels(reason=reason).inc()
+        log.warning("%s refused (%s): %s", rpc, code.name, message)
+        await context.abort(code, message)
+    except (asyncio.CancelledError, grpc.aio.AbortError):
+        raise
+    except Exception:
+        log.exception("%s failed unexpectedly", rpc)
+        if rpc == "SubmitUpdate":
+            metrics.UPDATES_REJECTED.labels(reason="internal").inc()
+        await context.abort(grpc.StatusCode.INTERNAL, "internal error")

@@ -1,0 +1,275 @@
+"""The round manager: opens rounds, closes them on target or deadline, finalizes FedAvg.
+
+Every decision is taken from the state in the store and written back before it
+takes effect, so a restarted (or standby) coordinator continues where the last one
+stopped. Round life cycle::
+
+    open --(target met, or deadline with quorum)--> closing --(all acknowledged
+    updates counted)--> aggregating --(model r+1 stored)--> finalized
+    open --(deadline, no quorum, no extension left)--> abandoned
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from coordinator.rounds.aggregation import apply_mean_update
+from coordinator.rounds.selection import plan_for_client, select_participants
+from coordinator.settings import CoordinatorSettings
+from fedq import metrics
+from fedq.state import PartialSumStore, RoundRecord, RoundStore
+from fedq.state.rounds import ABANDONED, CLOSING, FINALIZED, OPEN, FederationRecord
+from fedq.tensors import ModelSpec
+from proto.codec import decode_tensors, encode_tensors
+
+__all__ = ["AGGREGATING", "RoundManager"]
+
+log = logging.getLogger(__name__)
+
+AGGREGATING = "aggregating"
+_DRAIN_LOG_EVERY_S = 30.0
+
+Evaluator = Callable[[dict[str, np.ndarray]], tuple[float, float]]
+
+
+class RoundManager:
+    """Drives the federation's rounds from the shared store."""
+
+    def __init__(
+        self,
+        *,
+        store: RoundStore,
+        partials: PartialSumStore,
+        settings: CoordinatorSettings,
+        ledger: Any,
+        evaluator: Evaluator | None = None,
+        poll_s: float = 0.1,
+    ) -> None:
+        self._store = store
+        self._partials = partials
+        self._settings = settings
+        self._ledger = ledger
+        self._evaluator = evaluator
+        self._poll_s = poll_s
+        self._evaluations: dict[int, asyncio.Task[None]] = {}
+        self._last_wait_log = 0.0
+
+    async def ensure_federation(self, *, model_name: str, initial: dict[str, np.ndarray]) -> FederationRecord:
+        """Create the federation with its initial model unless the store has one."""
+        record = FederationRecord(
+            model_name=model_name,
+            dataset=self._settings.dataset,
+            spec=ModelSpec.from_arrays(initial),
+            total_rounds=self._settings.rounds,
+        )
+        created = await self._store.init_federation(record, initial_model=encode_tensors(initial))
+        federation = await self._store.federation()
+        assert federation is not None
+        if created:
+            log.info("federation created: model %s, %d parameters, %d rounds", model_name,
+                     record.spec.update_size, record.total_rounds)
+        else:
+            log.info("federation found in the store at round %d (%s); continuing",
+                     federation.current_round, federation.status)
+        return federation
+
+    async def run(self, *, stop: asyncio.Event | None = None) -> None:
+        """Tick until the federation finishes (or ``stop`` is set)."""
+        while stop is None or not stop.is_set():
+            if await self.tick():
+                break
+            await asyncio.sleep(self._poll_s)
+        await self.wait_evaluations()
+
+    async def wait_evaluations(self) -> None:
+        """Wait for running model evaluations."""
+        if self._evaluations:
+            await asyncio.gather(*self._evaluations.values(), return_exceptions=True)
+
+    async def tick(self) -> bool:
+        """Take the next due step; True once the federation has finished."""
+        federation = await self._store.federation()
+        if federation is None or federation.status == "finished":
+            return federation is not None
+
+        current = federation.current_round
+        record = await self._store.round(current) if current else None
+        if record is None or record.status in (FINALIZED, ABANDONED):
+            if current >= federation.total_rounds:
+                await self._store.set_progress(current_round=current, status="finished")
+                log.info("federation finished after %d rounds", current)
+                return True
+            await self._try_open(current + 1, federation)
+        elif record.status == OPEN:
+            await self._maybe_close(record)
+        elif record.status in (CLOSING, AGGREGATING):
+            await self._maybe_finalize(record, federation)
+        return False
+
+    # -- opening ----------------------------------------------------------------------------
+
+    async def _try_open(self, round_id: int, federation: FederationRecord) -> None:
+        now = time.time()
+        live = [
+            c for c in await self._store.clients()
+            if now - c.last_seen <= self._settings.client_timeout_s
+        ]
+        needed = self._settings.start_clients if round_id == 1 else 1
+        if len(live) < needed:
+            self._log_waiting("round %d waits for clients: %d of %d joined", round_id,
+                              len(live), needed)
+            return
+
+        deadline = now + self._settings.round_timeout_s
+        plans = {}
+        for client in live:
+            plan = plan_for_client(self._settings.plan, client, round_id=round_id,
+                                   deadline=deadline, seed=self._settings.seed)
+            affordable, would_reach = await self._affordable(client.client_id, plan)
+            if affordable:
+                plans[client.client_id] = plan
+            else:
+                log.info("round %d: client %s not selected: ε would reach %.3f, over budget",
+                         round_id, client.client_id, would_reach)
+        chosen = select_participants(
+            [c for c in live if c.client_id in plans],
+            count=self._settings.clients_per_round, round_id=round_id, seed=self._settings.seed,
+        )
+        if not chosen:
+            await self._store.set_progress(current_round=round_id - 1, status="finished")
+            log.warning("federation finished early: no client can afford round %d", round_id)
+            return
+
+        chosen_plans = {c.client_id: plans[c.client_id] for c in chosen}
+        if self._settings.plan.dp_mode != "none":
+            for client_id, plan in chosen_plans.items():
+                await self._ledger.charge(client_id, plan)
+        await self._store.put_plans(round_id, chosen_plans)
+        await self._open(round_id, chosen_plans, deadline=deadline, opened_at=now)
+
+    async def _affordable(self, client_id: str, plan: Any) -> tuple[bool, float]:
+        # NOTE: with DP off (dp_mode "none", for baselines) there is no guarantee to
+        # account for; such federations are logged as non-private and not budgeted.
+        if plan.dp_mode == "none":
+            return True, math.inf
+        affordable, would_reach = await self._ledger.can_afford(client_id, plan)
+        return bool(affordable), float(would_reach)
+
+    async def _open(self, round_id: int, plans: dict[str, Any], *, deadline: float,
+                    opened_at: float) -> None:
+        target = len(plans)
+        quorum = max(1, math.ceil(self._settings.quorum_fraction * target))
+        digest = await self._store.model_digest(round_id) or ""
+        await self._store.put_round(
+            RoundRecord(
+                round=round_id,
+                status=OPEN,
+                opened_at=opened_at,
+                deadline=deadline,
+                target=target,
+                quorum=quorum,
+                participants=sorted(plans),
+                model_digest=digest,
+            )
+        )
+        await self._store.set_progress(current_round=round_id, status="running")
+        log.info("round %d opened: %d participants, quorum %d, deadline in %.0fs", round_id,
+                 target, quorum, deadline - opened_at)
+
+    # -- closing ----------------------------------------------------------------------------
+
+    async def _maybe_close(self, record: RoundRecord) -> None:
+        now = time.time()
+        if record.accepted >= record.target:
+            await self._close(record, note="target reached")
+        elif now < record.deadline:
+            return
+        elif record.accepted >= record.quorum:
+            await self._close(record, note=f"deadline passed with quorum ({record.accepted} updates)")
+        elif record.extensions < self._settings.max_extensions:
+            deadline = now + self._settings.round_timeout_s
+            await self._store.update_round(record.round, deadline=deadline,
+                                           extensions=record.extensions + 1)
+            log.warning("round %d deadline extended: %d of %d quorum updates", record.round,
+                        record.accepted, record.quorum)
+        else:
+            await self._abandon(record)
+
+    async def _close(self, record: RoundRecord, *, note: str) -> None:
+        await self._store.update_round(record.round, status=CLOSING, closed_at=time.time(),
+                                       note=note)
+        log.info("round %d closed: %s; %d updates accepted", record.round, note, record.accepted)
+
+    async def _abandon(self, record: RoundRecord) -> None:
+        # NOTE: updates accepted in an abandoned round are not applied; the round's
+        # model carries over unchanged so that too few clients cannot bias it.
+        found = await self._store.model(record.round)
+        assert found is not None
+        await self._store.put_model(record.round + 1, found[0])
+        await self._store.update_round(
+            record.round, status=ABANDONED, closed_at=time.time(), next_digest=found[1],
+            note=f"abandoned: {record.accepted} of {record.quorum} quorum updates at the deadline",
+        )
+        log.warning("round %d abandoned: %d of %d quorum updates", record.round, record.accepted,
+                    record.quorum)
+
+    # -- finalizing -------------------------------------------------------------------------
+
+    async def _maybe_finalize(self, record: RoundRecord, federation: FederationRecord) -> None:
+        accepted = await self._store.accepted_ids(record.round)
+        missing = accepted - await self._partials.applied_ids(record.round)
+        if missing:
+            self._log_waiting("round %d waits for workers to count %d acknowledged updates",
+                              record.round, len(missing))
+            return
+
+        await self._store.update_round(record.round, status=AGGREGATING)
+        spec = federation.spec
+        round_sum = await self._partials.round_sum(record.round, size=spec.update_size)
+        blob, _digest = await self._store.model(record.round) or (b"", "")
+        new_blob = await asyncio.get_running_loop().run_in_executor(
+            None, _next_model_blob, blob, spec, round_sum
+        )
+        digest = await self._store.put_model(record.round + 1, new_blob)
+        await self._store.update_round(
+            record.round, status=FINALIZED, next_digest=digest, examples=round_sum.examples
+        )
+
+        metrics.ROUND_SECONDS.observe(time.time() - record.opened_at)
+        log.info("round %d finalized: %d updates, %d examples, model %s", record.round,
+                 round_sum.count, round_sum.examples, digest[:12])
+        if self._evaluator is not None:
+            self._evaluations[record.round] = asyncio.create_task(
+                self._evaluate(record.round, new_blob, spec)
+            )
+
+    async def _evaluate(self, round_id: int, blob: bytes, spec: ModelSpec) -> None:
+        assert self._evaluator is not None
+        loop = asyncio.get_running_loop()
+        try:
+            arrays = decode_tensors(blob, max_bytes=sum(t.nbytes for t in spec.tensors))
+            accuracy, loss = await loop.run_in_executor(None, self._evaluator, arrays)
+        except Exception:
+            log.exception("round %d: evaluation failed", round_id)
+            return
+        await self._store.update_round(round_id, accuracy=accuracy, loss=loss)
+        metrics.TEST_ACCURACY.set(accuracy)
+        metrics.TEST_LOSS.set(loss)
+        log.info("round %d: test accuracy %.4f, loss %.4f", round_id, accuracy, loss)
+
+    def _log_waiting(self, message: str, *args: object) -> None:
+        if time.monotonic() - self._last_wait_log >= _DRAIN_LOG_EVERY_S:
+            self._last_wait_log = time.monotonic()
+            log.info(message, *args)
+
+
+def _next_model_blob(blob: bytes, spec: ModelSpec, round_sum: Any) -> bytes:
+    arrays = decode_tensors(blob, max_bytes=sum(t.nbytes for t in spec.tensors))
+    return encode_tensors(apply_mean_update(arrays, spec, round_sum))

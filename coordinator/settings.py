@@ -1,0 +1,158 @@
+"""Settings of the coordinator (round manager, REST API) and of the gateway."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from fedq.config import EnvReader, SettingsError
+from fedq.plan import DP_MODES, TrainingPlan
+
+__all__ = ["CoordinatorSettings", "GatewaySettings", "ServiceUrls"]
+
+
+@dataclass(frozen=True)
+class ServiceUrls:
+    """Where the broker and the store are; empty means the embedded stand-ins."""
+
+    amqp_url: str = ""
+    redis_url: str = ""
+    delivery_limit: int = 5
+
+    def __repr__(self) -> str:
+        return f"ServiceUrls(amqp_url={_mask(self.amqp_url)!r}, redis_url={_mask(self.redis_url)!r})"
+
+    @classmethod
+    def from_env(cls, env: EnvReader | None = None) -> ServiceUrls:
+        """Read ``FEDQ_AMQP_URL``, ``FEDQ_REDIS_URL`` and ``FEDQ_DELIVERY_LIMIT``."""
+        env = env or EnvReader()
+        return cls(
+            amqp_url=env.str("AMQP_URL", ""),
+            redis_url=env.str("REDIS_URL", ""),
+            delivery_limit=env.int("DELIVERY_LIMIT", 5, minimum=1),
+        )
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    """The gRPC gateway."""
+
+    host: str = "127.0.0.1"
+    port: int = 50051
+    max_update_bytes: int = 0  # 0: derived from the model (its float32 size plus slack)
+    max_abs_value: float = 1e3
+    max_examples: int = 1_000_000
+    chunk_bytes: int = 1 << 20
+    poll_s: float = 0.2
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise SettingsError(f"FEDQ_GRPC_PORT={self.port}: expected a port number")
+        if self.chunk_bytes < 1024 or self.chunk_bytes > 3 << 20:
+            raise SettingsError(f"FEDQ_CHUNK_BYTES={self.chunk_bytes}: expected 1 KiB to 3 MiB")
+
+    @classmethod
+    def from_env(cls, env: EnvReader | None = None) -> GatewaySettings:
+        """Read ``FEDQ_GRPC_*`` and the upload bounds."""
+        env = env or EnvReader()
+        return cls(
+            host=env.str("GRPC_HOST", "0.0.0.0"),
+            port=env.int("GRPC_PORT", 50051, minimum=0),
+            max_update_bytes=env.int("MAX_UPDATE_BYTES", 0, minimum=0),
+            max_abs_value=env.float("MAX_ABS_VALUE", 1e3, minimum=1e-6),
+            max_examples=env.int("MAX_EXAMPLES", 1_000_000, minimum=1),
+            chunk_bytes=env.int("CHUNK_BYTES", 1 << 20, minimum=1024),
+            poll_s=env.float("POLL_S", 0.2, minimum=0.01, maximum=10),
+        )
+
+
+@dataclass(frozen=True)
+class CoordinatorSettings:
+    """The round manager and the REST API."""
+
+    dataset: str = "mnist"
+    model: str = ""  # empty: the dataset's default model
+    data_dir: str = ""
+    rounds: int = 5
+    clients_per_round: int = 10
+    min_clients: int = 0  # 0: clients_per_round
+    quorum_fraction: float = 0.8
+    round_timeout_s: float = 300.0
+    max_extensions: int = 1
+    client_timeout_s: float = 60.0
+    plan: TrainingPlan = field(default_factory=lambda: TrainingPlan(round=0))
+    delta: float = 1e-5
+    epsilon_budget: float = 10.0
+    accountant: str = "rdp"
+    api_host: str = "127.0.0.1"
+    api_port: int = 8080
+    admin_token: str = ""
+    seed: int = 0
+    evaluate: bool = True
+
+    def __post_init__(self) -> None:
+        if self.rounds < 1 or self.clients_per_round < 1:
+            raise SettingsError("FEDQ_ROUNDS and FEDQ_CLIENTS_PER_ROUND must be at least 1")
+        if not 0 < self.quorum_fraction <= 1:
+            raise SettingsError(f"FEDQ_QUORUM_FRACTION={self.quorum_fraction}: expected (0, 1]")
+        if not 0 < self.delta < 1:
+            raise SettingsError(f"FEDQ_DELTA={self.delta}: expected a number in (0, 1)")
+
+    def __repr__(self) -> str:
+        token = "***" if self.admin_token else ""
+        return f"CoordinatorSettings(dataset={self.dataset!r}, rounds={self.rounds}, admin_token={token!r})"
+
+    @property
+    def start_clients(self) -> int:
+        """Clients that must have joined before round 1 opens."""
+        return self.min_clients or self.clients_per_round
+
+    @classmethod
+    def from_env(cls, env: EnvReader | None = None) -> CoordinatorSettings:
+        """Read every ``FEDQ_*`` setting of the coordinator."""
+        env = env or EnvReader()
+        try:
+            plan = TrainingPlan(
+                round=0,
+                dp_mode=env.str("DP_MODE", "sample", choices=DP_MODES),
+                noise_multiplier=env.float("NOISE_MULTIPLIER", 1.0, minimum=0.0),
+                clip_norm=env.float("CLIP_NORM", 1.0, minimum=1e-9),
+                batch_size=env.int("BATCH_SIZE", 64, minimum=1),
+                local_steps=env.int("LOCAL_STEPS", 50, minimum=1),
+                learning_rate=env.float("LEARNING_RATE", 0.5, minimum=1e-9),
+                fedprox_mu=env.float("FEDPROX_MU", 0.0, minimum=0.0),
+                codec=env.str("CODEC", "blosc2", choices=("blosc2", "raw")),
+                secure_rng=env.bool("SECURE_RNG", False),
+            )
+        except ValueError as exc:
+            if isinstance(exc, SettingsError):
+                raise
+            raise SettingsError(f"training plan settings: {exc}") from exc
+
+        return cls(
+            dataset=env.str("DATASET", "mnist"),
+            model=env.str("MODEL", ""),
+            data_dir=env.str("DATA_DIR", ""),
+            rounds=env.int("ROUNDS", 5, minimum=1),
+            clients_per_round=env.int("CLIENTS_PER_ROUND", 10, minimum=1),
+            min_clients=env.int("MIN_CLIENTS", 0, minimum=0),
+            quorum_fraction=env.float("QUORUM_FRACTION", 0.8, minimum=0.01, maximum=1.0),
+            round_timeout_s=env.float("ROUND_TIMEOUT_S", 300.0, minimum=0.1),
+            max_extensions=env.int("MAX_EXTENSIONS", 1, minimum=0),
+            client_timeout_s=env.float("CLIENT_TIMEOUT_S", 60.0, minimum=1.0),
+            plan=plan,
+            delta=env.float("DELTA", 1e-5, minimum=1e-12, maximum=0.5),
+            epsilon_budget=env.float("EPSILON_BUDGET", 10.0, minimum=1e-6),
+            accountant=env.str("ACCOUNTANT", "rdp", choices=("rdp", "prv")),
+            api_host=env.str("API_HOST", "0.0.0.0"),
+            api_port=env.int("API_PORT", 8080, minimum=0),
+            admin_token=env.str("ADMIN_TOKEN", ""),
+            seed=env.int("SEED", 0, minimum=0),
+            evaluate=env.bool("EVALUATE", True),
+        )
+
+
+def _mask(url: str) -> str:
+    if "@" not in url or "://" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"

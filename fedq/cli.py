@@ -1,0 +1,194 @@
+"""The ``fedq`` command: the one-command federation and each service's entry point."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+from fedq.config import EnvReader, SettingsError
+from fedq.logs import setup_logging
+
+if TYPE_CHECKING:
+    from coordinator.settings import CoordinatorSettings
+
+__all__ = ["main"]
+
+log = logging.getLogger("fedq")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse arguments, run the chosen command and return its exit status."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    env = EnvReader()
+    try:
+        setup_logging(level=args.log_level or env.str("LOG_LEVEL", "INFO"),
+                      fmt=env.str("LOG_FORMAT", "text", choices=("text", "json")))
+        return int(asyncio.run(args.handler(args)) or 0)
+    except SettingsError as exc:
+        print(f"fedq: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as exc:
+        print(f"fedq: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedq", description=__doc__)
+    parser.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING (env FEDQ_LOG_LEVEL)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run a whole federation on this machine")
+    _add_run_arguments(run)
+    run.set_defaults(handler=_run)
+
+    for name, handler, text in (
+        ("coordinator", _coordinator, "round manager and REST API (settings from FEDQ_*)"),
+        ("gateway", _gateway, "gRPC gateway (settings from FEDQ_*)"),
+        ("worker", _worker, "aggregator worker (settings from FEDQ_*)"),
+    ):
+        service = sub.add_parser(name, help=text)
+        service.set_defaults(handler=handler)
+
+    privacy = sub.add_parser("privacy", help="ε for noise multipliers (the trade-off table)")
+    privacy.add_argument("--noise", type=float, nargs="+", default=[0.6, 0.8, 1.0, 1.5, 2.0])
+    privacy.add_argument("--sample-rate", type=float, default=0.01)
+    privacy.add_argument("--local-steps", type=int, default=50)
+    privacy.add_argument("--rounds", type=int, default=10)
+    privacy.add_argument("--delta", type=float, default=1e-5)
+    privacy.add_argument("--accountant", default="rdp", choices=("rdp", "prv"))
+    privacy.set_defaults(handler=_privacy)
+    return parser
+
+
+def _add_run_arguments(run: argparse.ArgumentParser) -> None:
+    run.add_argument("--dataset", default=None, help="mnist, fashion-mnist, cifar10 or folder:PATH")
+    run.add_argument("--model", default=None, help="registry name or package.module:factory")
+    run.add_argument("--data-dir", default=None, help="data folder (env FEDQ_DATA_DIR)")
+    run.add_argument("--clients", type=int, default=10)
+    run.add_argument("--clients-per-round", type=int, default=None)
+    run.add_argument("--rounds", type=int, default=None)
+    run.add_argument("--workers", type=int, default=2)
+    run.add_argument("--partition", default="iid", choices=("iid", "dirichlet"))
+    run.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration")
+    run.add_argument("--dp-mode", default=None, choices=("sample", "client", "none"))
+    run.add_argument("--noise-multiplier", type=float, default=None)
+    run.add_argument("--clip-norm", type=float, default=None)
+    run.add_argument("--local-steps", type=int, default=None)
+    run.add_argument("--batch-size", type=int, default=None)
+    run.add_argument("--learning-rate", type=float, default=None)
+    run.add_argument("--epsilon-budget", type=float, default=None)
+    run.add_argument("--round-timeout", type=float, default=None, help="seconds per round")
+    run.add_argument("--seed", type=int, default=None)
+    run.add_argument("--api-port", type=int, default=None, help="also serve the REST API")
+    run.add_argument("--amqp-url", default=None, help="RabbitMQ URL (env FEDQ_AMQP_URL)")
+    run.add_argument("--redis-url", default=None, help="Redis URL (env FEDQ_REDIS_URL)")
+    run.add_argument("--resume", action="store_true", help="continue the federation in Redis")
+    run.add_argument("--min-accuracy", type=float, default=None,
+                     help="exit 1 unless the final test accuracy reaches this")
+
+
+async def _run(args: argparse.Namespace) -> int:
+    from coordinator.settings import ServiceUrls
+    from fedq.federation import FederationOptions, run_federation
+    from fedq.summary import print_summary
+
+    settings = _run_settings(args)
+    urls = ServiceUrls.from_env()
+    urls = replace(urls, amqp_url=args.amqp_url if args.amqp_url is not None else urls.amqp_url,
+                   redis_url=args.redis_url if args.redis_url is not None else urls.redis_url)
+    if args.clients < 1 or args.workers < 1:
+        raise SettingsError("--clients and --workers must be at least 1")
+
+    mode = "RabbitMQ + Redis" if urls.amqp_url and urls.redis_url else "embedded queue/store"
+    if bool(urls.amqp_url) != bool(urls.redis_url):
+        raise SettingsError("give both --amqp-url and --redis-url, or neither (embedded mode)")
+    print(f"fedq: {args.clients} clients, {settings.rounds} rounds, {args.workers} workers, "
+          f"{settings.dataset}, DP {settings.plan.dp_mode}, {mode}", flush=True)
+
+    options = FederationOptions(clients=args.clients, workers=args.workers,
+                                partition=args.partition, alpha=args.alpha,
+                                api_port=args.api_port, resume=args.resume, progress=sys.stdout)
+    summary = await run_federation(settings, urls, options)
+    print_summary(summary, settings=settings, out=sys.stdout)
+
+    if args.min_accuracy is not None and (summary.final_accuracy or 0.0) < args.min_accuracy:
+        print(f"fedq: final accuracy below --min-accuracy {args.min_accuracy}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _run_settings(args: argparse.Namespace) -> CoordinatorSettings:
+    from coordinator.settings import CoordinatorSettings
+
+    settings = CoordinatorSettings.from_env()
+    plan_changes = {
+        "dp_mode": args.dp_mode,
+        "noise_multiplier": args.noise_multiplier,
+        "clip_norm": args.clip_norm,
+        "local_steps": args.local_steps,
+        "batch_size": args.batch_size,
+        "learning_rate": args.learning_rate,
+    }
+    try:
+        plan = replace(settings.plan, **{k: v for k, v in plan_changes.items() if v is not None})
+    except ValueError as exc:
+        raise SettingsError(str(exc)) from exc
+
+    changes = {
+        "dataset": args.dataset,
+        "model": args.model,
+        "data_dir": args.data_dir,
+        "rounds": args.rounds,
+        "clients_per_round": args.clients_per_round or (
+            args.clients if "FEDQ_CLIENTS_PER_ROUND" not in os.environ else None),
+        "epsilon_budget": args.epsilon_budget,
+        "round_timeout_s": args.round_timeout,
+        "seed": args.seed,
+    }
+    return replace(settings, plan=plan, **{k: v for k, v in changes.items() if v is not None})
+
+
+async def _privacy(args: argparse.Namespace) -> int:
+    from coordinator.privacy import tradeoff_table
+
+    rows = tradeoff_table(args.noise, sample_rate=args.sample_rate, local_steps=args.local_steps,
+                          rounds=args.rounds, delta=args.delta, accountant=args.accountant)
+    print(f"{'noise':>8} {'ε':>10}   (q={args.sample_rate}, {args.local_steps} steps × "
+          f"{args.rounds} rounds, δ={args.delta:g}, {args.accountant})")
+    for row in rows:
+        print(f"{row['noise_multiplier']:>8.3f} {row['epsilon']:>10.3f}")
+    return 0
+
+
+async def _coordinator(args: argparse.Namespace) -> int:
+    from coordinator.service import run_coordinator
+
+    await run_coordinator()
+    return 0
+
+
+async def _gateway(args: argparse.Namespace) -> int:
+    from coordinator.service import run_gateway
+
+    await run_gateway()
+    return 0
+
+
+async def _worker(args: argparse.Namespace) -> int:
+    from workers.service import run_worker
+
+    await run_worker()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,62 @@
+"""Connecting to Redis, or to an embedded stand-in when no URL is given."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+__all__ = ["StoreUnavailableError", "connect_redis", "embedded_server"]
+
+log = logging.getLogger(__name__)
+
+_EMBEDDED: Any = None
+
+
+class StoreUnavailableError(RuntimeError):
+    """Redis (or its stand-in) could not be reached or refused an operation."""
+
+
+def embedded_server() -> Any:
+    """The process-wide fakeredis server shared by every embedded component."""
+    global _EMBEDDED
+    if _EMBEDDED is None:
+        import fakeredis
+
+        _EMBEDDED = fakeredis.FakeServer()
+    return _EMBEDDED
+
+
+async def connect_redis(url: str | None) -> aioredis.Redis:
+    """A Redis client for ``url``; with no URL, one on the embedded stand-in.
+
+    Raises:
+        StoreUnavailableError: the server did not answer PING.
+    """
+    if not url:
+        import fakeredis
+
+        return fakeredis.FakeAsyncRedis(server=embedded_server())
+
+    client = aioredis.Redis.from_url(
+        url, socket_connect_timeout=5, socket_keepalive=True, health_check_interval=15
+    )
+    try:
+        await client.ping()
+    except (RedisError, OSError) as exc:
+        await client.aclose()
+        raise StoreUnavailableError(f"Redis at {_redact(url)} is unreachable: {exc}") from exc
+    log.info("connected to Redis at %s", _redact(url))
+    return client
+
+
+def _redact(url: str) -> str:
+    """Hide the password of a URL for logs."""
+    if "@" not in url or "://" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    creds, host = rest.rsplit("@", 1)
+    user = creds.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}" if ":" in creds else f"{scheme}://{user}@{host}"

@@ -1,0 +1,58 @@
+"""Every Redis key the federation uses, in one place.
+
+Keys of one round share the hash tag ``{r}`` so that multi-key scripts stay on one
+slot of a clustered Redis (ElastiCache cluster mode).
+"""
+
+from __future__ import annotations
+
+PREFIX = "fedq:"
+
+FEDERATION = PREFIX + "federation"  # hash: model, spec, scale bits, rounds, status, current
+CLIENTS = PREFIX + "clients"  # set of client ids that joined
+LEADER = PREFIX + "leader"  # coordinator lease
+
+
+def client(client_id: str) -> str:
+    """Hash of one client's registration (token digest, examples, capabilities)."""
+    return f"{PREFIX}client:{client_id}"
+
+
+def round_hash(round_id: int) -> str:
+    """Hash of one round's record (status, deadline, counts, metrics)."""
+    return f"{PREFIX}round:{{{round_id}}}"
+
+
+def plans(round_id: int) -> str:
+    """Hash client id -> msgpack training plan, for the round's participants."""
+    return f"{PREFIX}round:{{{round_id}}}:plans"
+
+
+def accepted(round_id: int) -> str:
+    """Set of update ids the gateway acknowledged (after the broker confirmed)."""
+    return f"{PREFIX}round:{{{round_id}}}:accepted"
+
+
+def submitted(round_id: int) -> str:
+    """Hash client id -> the update id it submitted this round."""
+    return f"{PREFIX}round:{{{round_id}}}:submitted"
+
+
+def applied(round_id: int) -> str:
+    """Hash update id -> partial-sum key that counts it."""
+    return f"{PREFIX}round:{{{round_id}}}:applied"
+
+
+def partials(round_id: int) -> str:
+    """Set of the round's partial-sum keys."""
+    return f"{PREFIX}round:{{{round_id}}}:partials"
+
+
+def partial(round_id: int, owner: str) -> str:
+    """Hash of one worker's partial sum for a round (sum, examples, count)."""
+    return f"{PREFIX}round:{{{round_id}}}:partial:{owner}"
+
+
+def model(round_id: int) -> str:
+    """Encoded global model that clients train in round ``round_id``."""
+    return f"{PREFIX}model:{round_id}"

@@ -1,0 +1,222 @@
+"""The worker loop: consume queued updates, fold them into partial sums, then ack.
+
+Order of operations per batch: decode and check each update, add its fixed-point
+form to the batch in memory, commit the worker's new cumulative partial sum and
+the batch's update ids in one atomic step, and only then ack the batch's messages.
+A worker killed before the commit loses nothing (the broker redelivers); one killed
+after it counts nothing twice (the ids are recorded with the sum, and the commit of
+whoever gets the redelivery refuses them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import numpy as np
+import redis.asyncio as aioredis
+
+from fedq import metrics
+from fedq.queue import Delivery, UpdateQueue
+from fedq.queue.message import MessageError, QueuedUpdate
+from fedq.state import PartialSumStore, RoundStore
+from fedq.state.partials import to_fixed_point
+from fedq.tensors import ModelSpec
+from proto.codec import CodecError, decode_tensors, validate_update
+from workers.settings import WorkerSettings
+
+__all__ = ["AggregationWorker"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Pending:
+    update_id: str
+    fixed: np.ndarray
+    examples: int
+    delivery: Delivery
+
+
+@dataclass
+class _RoundBatch:
+    """Updates of one round waiting for the next commit, and what is committed."""
+
+    round: int
+    size: int
+    committed: np.ndarray
+    committed_examples: int = 0
+    committed_count: int = 0
+    pending: list[_Pending] = field(default_factory=list)
+    pending_bytes: int = 0
+    first_at: float = 0.0
+
+
+class AggregationWorker:
+    """One stateless consumer; run as many as the backlog needs."""
+
+    def __init__(
+        self,
+        *,
+        queue: UpdateQueue,
+        redis: aioredis.Redis,
+        settings: WorkerSettings,
+        name: str | None = None,
+    ) -> None:
+        self._queue = queue
+        self._rounds = RoundStore(redis)
+        self._partials = PartialSumStore(redis)
+        self._settings = settings
+        self.worker_id = name or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._spec: ModelSpec | None = None
+        self._batches: dict[int, _RoundBatch] = {}
+        self._lock = asyncio.Lock()
+        self.committed_updates = 0
+
+    async def run(self) -> None:
+        """Consume until cancelled; unsettled messages return to the queue."""
+        log.info("worker %s joined", self.worker_id)
+        flusher = asyncio.create_task(self._flush_on_time(), name=f"flush-{self.worker_id}")
+        try:
+            async for delivery in self._queue.consume(prefetch=self._settings.prefetch):
+                await self._on_delivery(delivery)
+        finally:
+            flusher.cancel()
+            await asyncio.gather(flusher, return_exceptions=True)
+            log.info("worker %s left after committing %d updates", self.worker_id,
+                     self.committed_updates)
+
+    async def _on_delivery(self, delivery: Delivery) -> None:
+        try:
+            update = QueuedUpdate.decode(delivery.body)
+        except MessageError as exc:
+            await self._dead_letter(delivery, f"undecodable message: {exc}")
+            return
+
+        spec = await self._model_spec()
+        try:
+            fixed = await asyncio.get_running_loop().run_in_executor(
+                None, self._to_fixed_point, update, spec
+            )
+        except CodecError as exc:
+            await self._dead_letter(delivery, f"round {update.round}: update {update.update_id}: {exc}")
+            return
+
+        async with self._lock:
+            batch = self._batch(update.round, spec)
+            if any(p.update_id == update.update_id for p in batch.pending):
+                await delivery.ack()  # a second copy of an update already in this batch
+                return
+            if not batch.pending:
+                batch.first_at = time.monotonic()
+            batch.pending.append(_Pending(update.update_id, fixed, update.num_examples, delivery))
+            batch.pending_bytes += fixed.nbytes
+            if (
+                len(batch.pending) >= self._settings.batch_updates
+                or batch.pending_bytes >= self._settings.batch_bytes
+            ):
+                await self._flush(batch)
+
+    def _to_fixed_point(self, update: QueuedUpdate, spec: ModelSpec) -> np.ndarray:
+        tensors = decode_tensors(update.payload, max_bytes=spec.update_nbytes)
+        validate_update(tensors, spec, max_abs_value=self._settings.max_abs_value)
+        return to_fixed_point(spec.flatten_update(tensors), update.num_examples)
+
+    async def _flush_on_time(self) -> None:
+        while True:
+            await asyncio.sleep(self._settings.flush_s / 2)
+            async with self._lock:
+                now = time.monotonic()
+                for batch in list(self._batches.values()):
+                    if batch.pending and now - batch.first_at >= self._settings.flush_s:
+                        await self._flush(batch)
+
+    async def _flush(self, batch: _RoundBatch) -> None:
+        """Commit the batch's pending updates, then ack them (caller holds the lock)."""
+        started = batch.first_at
+        while batch.pending:
+            known = await self._partials.already_applied(
+                batch.round, [p.update_id for p in batch.pending]
+            )
+            await self._settle_known(batch, known)
+            if not batch.pending:
+                break
+
+            total = batch.committed.copy()
+            for p in batch.pending:
+                total += p.fixed
+            examples = batch.committed_examples + sum(p.examples for p in batch.pending)
+            count = batch.committed_count + len(batch.pending)
+            outcome = await self._partials.commit(
+                batch.round,
+                owner=self.worker_id,
+                total=total,
+                examples=examples,
+                count=count,
+                update_ids=[p.update_id for p in batch.pending],
+            )
+
+            if outcome.status == "duplicate":
+                await self._settle_known(batch, set(outcome.duplicates))
+                continue
+            if outcome.status == "closed":
+                await self._drop_late(batch, outcome.round_status)
+                return
+
+            done, batch.pending, batch.pending_bytes = batch.pending, [], 0
+            batch.committed, batch.committed_examples, batch.committed_count = total, examples, count
+            for p in done:
+                await p.delivery.ack()
+            self.committed_updates += len(done)
+            metrics.UPDATES_AGGREGATED.inc(len(done))
+            metrics.AGGREGATION_SECONDS.observe(time.monotonic() - started)
+            log.debug("round %d: worker %s committed %d updates", batch.round, self.worker_id,
+                      len(done))
+
+    async def _settle_known(self, batch: _RoundBatch, known: set[str]) -> None:
+        if not known:
+            return
+        for p in [p for p in batch.pending if p.update_id in known]:
+            log.info("round %d: update %s already counted; acking the redelivery", batch.round,
+                     p.update_id)
+            await p.delivery.ack()
+        batch.pending = [p for p in batch.pending if p.update_id not in known]
+        batch.pending_bytes = sum(p.fixed.nbytes for p in batch.pending)
+
+    async def _drop_late(self, batch: _RoundBatch, round_status: str) -> None:
+        # The round stopped taking updates only after every acknowledged update was
+        # counted, so these copies were never acknowledged to a client.
+        for p in batch.pending:
+            log.warning("round %d is %s: dropping unacknowledged late update %s", batch.round,
+                        round_status, p.update_id)
+            await p.delivery.ack()
+        self._batches.pop(batch.round, None)
+
+    async def _dead_letter(self, delivery: Delivery, reason: str) -> None:
+        log.error("dead-lettering message %s: %s", delivery.message_id, reason)
+        metrics.DEAD_LETTERS.labels(reason=reason.split(":")[0][:40]).inc()
+        await self._queue.dead_letter(delivery, reason=reason)
+
+    def _batch(self, round_id: int, spec: ModelSpec) -> _RoundBatch:
+        batch = self._batches.get(round_id)
+        if batch is None:
+            for old in [r for r, b in self._batches.items() if r < round_id - 1 and not b.pending]:
+                del self._batches[old]
+            size = spec.update_size
+            batch = _RoundBatch(round_id, size, committed=np.zeros(size, dtype=np.int64))
+            self._batches[round_id] = batch
+        return batch
+
+    async def _model_spec(self) -> ModelSpec:
+        while self._spec is None:
+            federation = await self._rounds.federation()
+            if federation is not None:
+                self._spec = federation.spec
+                break
+            await asyncio.sleep(0.5)
+        return self._spec
