@@ -20,7 +20,7 @@ import blosc2
 import msgpack
 import numpy as np
 
-from fedq.tensors import ModelSpec
+from fedq.tensors import ModelSpec, TensorSpec
 
 __all__ = [
     "CODECS",
@@ -65,18 +65,24 @@ def encode_tensors(tensors: Mapping[str, np.ndarray], *, codec: str = "blosc2") 
     return msgpack.packb({"format": FORMAT, "version": VERSION, "tensors": records})
 
 
-def decode_tensors(payload: bytes, *, max_bytes: int) -> dict[str, np.ndarray]:
+def decode_tensors(
+    payload: bytes, *, max_bytes: int, expected: ModelSpec | None = None
+) -> dict[str, np.ndarray]:
     """Decode a payload, refusing one whose tensors would exceed ``max_bytes``.
+
+    With ``expected``, each tensor's name, dtype and shape are checked against the
+    model's before its data is decompressed.
 
     Raises:
         CodecError: with a message naming the tensor and the value that was wrong.
     """
     envelope = _unpack_envelope(payload)
 
+    known = {t.name: t for t in expected.trainable} if expected is not None else None
     out: dict[str, np.ndarray] = {}
     budget = max_bytes
     for index, record in enumerate(envelope["tensors"]):
-        name, array = _decode_record(record, index=index, budget=budget)
+        name, array = _decode_record(record, index=index, budget=budget, known=known)
         if name in out:
             raise CodecError(f"tensor {name!r} appears twice")
         budget -= array.nbytes
@@ -159,7 +165,9 @@ def _unpack_envelope(payload: bytes) -> dict[str, object]:
     return envelope
 
 
-def _decode_record(record: object, *, index: int, budget: int) -> tuple[str, np.ndarray]:
+def _decode_record(
+    record: object, *, index: int, budget: int, known: dict[str, TensorSpec] | None
+) -> tuple[str, np.ndarray]:
     if not isinstance(record, dict):
         raise CodecError(f"tensor #{index} is not a map")
     name, dtype, shape = record.get("name"), record.get("dtype"), record.get("shape")
@@ -176,6 +184,9 @@ def _decode_record(record: object, *, index: int, budget: int) -> tuple[str, np.
     if not isinstance(data, bytes) or not isinstance(nbytes, int):
         raise CodecError(f"tensor {name!r}: data or nbytes missing")
 
+    if known is not None:
+        _check_declared(name, dtype, shape, known)
+
     expected = int(np.prod(shape, dtype=np.float64)) * np.dtype(dtype).itemsize
     if nbytes != expected:
         raise CodecError(f"tensor {name!r}: nbytes {nbytes} but shape and dtype need {expected}")
@@ -184,6 +195,16 @@ def _decode_record(record: object, *, index: int, budget: int) -> tuple[str, np.
 
     raw = _decompress(data, compression, nbytes=nbytes, name=name)
     return name, np.frombuffer(raw, dtype=np.dtype(dtype)).reshape(shape).copy()
+
+
+def _check_declared(name: str, dtype: str, shape: list[int], known: dict[str, TensorSpec]) -> None:
+    spec = known.get(name)
+    if spec is None:
+        raise CodecError(f"update has tensor {name!r} that the model does not have")
+    if tuple(shape) != spec.shape:
+        raise CodecError(f"tensor {name!r}: shape {shape}, model has {list(spec.shape)}")
+    if dtype != spec.dtype:
+        raise CodecError(f"tensor {name!r}: dtype {dtype}, model has {spec.dtype}")
 
 
 def _decompress(data: bytes, compression: str, *, nbytes: int, name: str) -> bytes:

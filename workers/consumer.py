@@ -123,7 +123,7 @@ class AggregationWorker:
                 await self._flush(batch)
 
     def _to_fixed_point(self, update: QueuedUpdate, spec: ModelSpec) -> np.ndarray:
-        tensors = decode_tensors(update.payload, max_bytes=spec.update_nbytes)
+        tensors = decode_tensors(update.payload, max_bytes=spec.update_nbytes, expected=spec)
         validate_update(tensors, spec, max_abs_value=self._settings.max_abs_value)
         return to_fixed_point(spec.flatten_update(tensors), update.num_examples)
 

@@ -245,7 +245,7 @@ class FederationServicer(pb_grpc.FederationServicer):
 
     def _check_tensors(self, payload: bytes, spec: ModelSpec) -> None:
         try:
-            tensors = decode_tensors(payload, max_bytes=spec.update_nbytes)
+            tensors = decode_tensors(payload, max_bytes=spec.update_nbytes, expected=spec)
             validate_update(tensors, spec, max_abs_value=self._settings.max_abs_value)
         except CodecError as exc:
             raise InvalidUpdateError(str(exc)) from exc
