@@ -48,7 +48,9 @@ def encode_tensors(tensors: Mapping[str, np.ndarray], *, codec: str = "blosc2") 
 
     records = []
     for name, array in tensors.items():
-        a = np.ascontiguousarray(array)
+        a = np.asarray(array)
+        if not a.flags.c_contiguous:
+            a = a.copy(order="C")  # (np.ascontiguousarray would turn 0-d into 1-d)
         if str(a.dtype) not in ALLOWED_DTYPES:
             raise CodecError(f"tensor {name!r}: dtype {a.dtype} cannot be encoded")
         records.append(
