@@ -58,6 +58,18 @@ def _parser() -> argparse.ArgumentParser:
         service = sub.add_parser(name, help=text)
         service.set_defaults(handler=handler)
 
+    client = sub.add_parser("client", help="one client process (flags override FEDQ_*)")
+    client.add_argument("--client-id", default=None)
+    client.add_argument("--gateways", default=None, help="host:port[,host:port...]")
+    client.add_argument("--dataset", default=None)
+    client.add_argument("--data-dir", default=None)
+    client.add_argument("--partitions", type=int, default=None)
+    client.add_argument("--partition-index", type=int, default=None)
+    client.add_argument("--partition", dest="partition_scheme", default=None,
+                        choices=("iid", "dirichlet"))
+    client.add_argument("--alpha", type=float, default=None)
+    client.set_defaults(handler=_client)
+
     privacy = sub.add_parser("privacy", help="ε for noise multipliers (the trade-off table)")
     privacy.add_argument("--noise", type=float, nargs="+", default=[0.6, 0.8, 1.0, 1.5, 2.0])
     privacy.add_argument("--sample-rate", type=float, default=0.01)
@@ -166,6 +178,21 @@ async def _privacy(args: argparse.Namespace) -> int:
           f"{args.rounds} rounds, δ={args.delta:g}, {args.accountant})")
     for row in rows:
         print(f"{row['noise_multiplier']:>8.3f} {row['epsilon']:>10.3f}")
+    return 0
+
+
+async def _client(args: argparse.Namespace) -> int:
+    from clients.service import ClientSettings, run_client
+
+    gateways = tuple(g.strip() for g in args.gateways.split(",") if g.strip()) \
+        if args.gateways else None
+    settings = ClientSettings.from_env(
+        client_id=args.client_id, gateways=gateways, dataset=args.dataset,
+        data_dir=args.data_dir, partitions=args.partitions,
+        partition_index=args.partition_index, partition_scheme=args.partition_scheme,
+        alpha=args.alpha,
+    )
+    await run_client(settings)
     return 0
 
 

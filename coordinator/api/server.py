@@ -47,6 +47,7 @@ class ApiServer:
             raise RuntimeError(f"API server already started on {self.url}")
         sock = _listening_socket(self.host, self.port)
         self.port = sock.getsockname()[1]
+        self._stopping = asyncio.Event()
 
         config = Config()
         # Hypercorn takes the socket over by descriptor and closes it on shutdown.
