@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
+import socket
 
 from coordinator.gateway import GatewayServer
 from coordinator.privacy import PrivacyLedger
 from coordinator.rounds import RoundManager
+from coordinator.rounds.leader import LeaderLease
 from coordinator.settings import CoordinatorSettings, GatewaySettings, ServiceUrls
+from fedq.metrics import serve_metrics
 from fedq.queue import open_queue
 from fedq.state import PartialSumStore, RoundStore, connect_redis
 
@@ -38,8 +42,10 @@ async def run_coordinator() -> None:
     if settings.evaluate:
         test_data = load_dataset(settings.dataset, root=settings.data_dir or None, train=False)
         evaluator = lambda arrays: evaluate(model_name, arrays, test_data)  # noqa: E731
-    manager = RoundManager(store=store, partials=PartialSumStore(redis), settings=settings,
-                           ledger=ledger, evaluator=evaluator)
+    lease = LeaderLease(redis, owner=f"{socket.gethostname()}-{os.getpid()}",
+                        ttl_s=settings.leader_ttl_s)
+    manager = RoundManager(store=RoundStore(redis), partials=PartialSumStore(redis),
+                           settings=settings, ledger=ledger, evaluator=evaluator, lease=lease)
     await manager.ensure_federation(
         model_name=model_name, initial=model_arrays(build_model(model_name, seed=settings.seed))
     )
@@ -63,6 +69,7 @@ async def run_gateway() -> None:
     settings, urls = GatewaySettings.from_env(), ServiceUrls.from_env()
     coordinator = CoordinatorSettings.from_env()
     _require_urls(urls)
+    serve_metrics(settings.metrics_port)
     redis = await connect_redis(urls.redis_url)
     queue = await open_queue(urls.amqp_url, delivery_limit=urls.delivery_limit)
     ledger = PrivacyLedger(redis, delta=coordinator.delta,

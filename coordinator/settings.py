@@ -43,6 +43,7 @@ class GatewaySettings:
     max_examples: int = 1_000_000
     chunk_bytes: int = 1 << 20
     poll_s: float = 0.2
+    metrics_port: int = 0
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -62,6 +63,7 @@ class GatewaySettings:
             max_examples=env.int("MAX_EXAMPLES", 1_000_000, minimum=1),
             chunk_bytes=env.int("CHUNK_BYTES", 1 << 20, minimum=1024),
             poll_s=env.float("POLL_S", 0.2, minimum=0.01, maximum=10),
+            metrics_port=env.int("METRICS_PORT", 9100, minimum=0),
         )
 
 
@@ -88,6 +90,7 @@ class CoordinatorSettings:
     admin_token: str = ""
     seed: int = 0
     evaluate: bool = True
+    leader_ttl_s: float = 10.0
 
     def __post_init__(self) -> None:
         if self.rounds < 1 or self.clients_per_round < 1:
@@ -148,6 +151,7 @@ class CoordinatorSettings:
             admin_token=env.str("ADMIN_TOKEN", ""),
             seed=env.int("SEED", 0, minimum=0),
             evaluate=env.bool("EVALUATE", True),
+            leader_ttl_s=env.float("LEADER_TTL_S", 10.0, minimum=0.5, maximum=600),
         )
 
 

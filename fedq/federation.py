@@ -119,7 +119,8 @@ async def run_federation(
     clients = _make_clients(settings, options, model_name=model_name, port=port, pool=train_pool)
     summary = FederationSummary()
     try:
-        await _drive(manager, clients, store=store, options=options, summary=summary)
+        await _drive(manager, clients, store=store, ledger=ledger, options=options,
+                     summary=summary)
     finally:
         for task in worker_tasks:
             task.cancel()
@@ -200,13 +201,14 @@ async def _drive(
     clients: list[FederatedClient],
     *,
     store: RoundStore,
+    ledger: PrivacyLedger,
     options: FederationOptions,
     summary: FederationSummary,
 ) -> None:
     client_tasks = {c.client_id: asyncio.create_task(c.run(), name=c.client_id) for c in clients}
     manager_task = asyncio.create_task(manager.run(), name="round-manager")
     printed: set[int] = set()
-    progress = asyncio.create_task(_report_progress(store, options.progress, printed))
+    progress = asyncio.create_task(_report_progress(store, ledger, options.progress, printed))
     try:
         await asyncio.wait_for(manager_task, timeout=options.timeout_s)
         done = await asyncio.wait_for(
@@ -223,16 +225,20 @@ async def _drive(
         for task in client_tasks.values():
             task.cancel()
         await asyncio.gather(progress, manager_task, *client_tasks.values(), return_exceptions=True)
-        await _print_new_rounds(store, options.progress, printed=printed)
+        await _print_new_rounds(store, ledger, options.progress, printed=printed)
 
 
-async def _report_progress(store: RoundStore, out: TextIO | None, printed: set[int]) -> None:
+async def _report_progress(
+    store: RoundStore, ledger: PrivacyLedger, out: TextIO | None, printed: set[int]
+) -> None:
     while True:
-        await _print_new_rounds(store, out, printed=printed)
+        await _print_new_rounds(store, ledger, out, printed=printed)
         await asyncio.sleep(0.5)
 
 
-async def _print_new_rounds(store: RoundStore, out: TextIO | None, *, printed: set[int]) -> None:
+async def _print_new_rounds(
+    store: RoundStore, ledger: PrivacyLedger, out: TextIO | None, *, printed: set[int]
+) -> None:
     if out is None:
         return
     for record in await _rounds(store):
@@ -243,10 +249,11 @@ async def _print_new_rounds(store: RoundStore, out: TextIO | None, *, printed: s
             continue
         printed.add(record.round)
         accuracy = f"{record.accuracy:.4f}" if record.accuracy is not None else "-"
+        spent = [p["epsilon_spent"] for p in await ledger.report()]
         print(
             f"round {record.round:>3}  {record.status:<9}  participants {len(record.participants):>3}"
             f"  updates {record.aggregated:>3}/{record.target:<3}  accuracy {accuracy}"
-            f"  {record.closed_at - record.opened_at:6.1f}s",
+            f"  ε max {max(spent, default=0.0):.3f}  {record.closed_at - record.opened_at:6.1f}s",
             file=out, flush=True,
         )
 

@@ -41,3 +41,11 @@ QUEUE_BACKLOG_PER_WORKER = Gauge(
 )
 TEST_ACCURACY = Gauge("fedq_test_accuracy", "Test accuracy of the latest global model")
 TEST_LOSS = Gauge("fedq_test_loss", "Test loss of the latest global model")
+
+
+def serve_metrics(port: int, *, host: str = "0.0.0.0") -> None:
+    """Expose ``/metrics`` on ``port`` from a background thread (0 disables it)."""
+    if port:
+        from prometheus_client import start_http_server
+
+        start_http_server(port, addr=host)

@@ -8,6 +8,7 @@ import signal
 
 from coordinator.settings import ServiceUrls
 from fedq.config import SettingsError
+from fedq.metrics import serve_metrics
 from fedq.queue import open_queue
 from fedq.state import connect_redis
 from workers.consumer import AggregationWorker
@@ -24,6 +25,7 @@ async def run_worker() -> None:
     if not urls.amqp_url or not urls.redis_url:
         raise SettingsError("FEDQ_AMQP_URL and FEDQ_REDIS_URL must be set for a worker")
 
+    serve_metrics(settings.metrics_port)
     redis = await connect_redis(urls.redis_url)
     queue = await open_queue(urls.amqp_url, delivery_limit=urls.delivery_limit)
     worker = AggregationWorker(queue=queue, redis=redis, settings=settings)

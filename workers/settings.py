@@ -17,6 +17,7 @@ class WorkerSettings:
     batch_bytes: int = 64 << 20
     flush_s: float = 0.5
     max_abs_value: float = 1e3
+    metrics_port: int = 0
 
     def __post_init__(self) -> None:
         if self.batch_updates < 1:
@@ -38,4 +39,5 @@ class WorkerSettings:
             batch_bytes=env.int("WORKER_BATCH_BYTES", 64 << 20, minimum=1024),
             flush_s=env.float("WORKER_FLUSH_S", 0.5, minimum=0.001),
             max_abs_value=env.float("MAX_ABS_VALUE", 1e3, minimum=1e-6),
+            metrics_port=env.int("METRICS_PORT", 9100, minimum=0),
         )

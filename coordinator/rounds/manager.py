@@ -21,11 +21,19 @@ from typing import Any
 import numpy as np
 
 from coordinator.rounds.aggregation import apply_mean_update
+from coordinator.rounds.leader import LeaderLease
 from coordinator.rounds.selection import plan_for_client, select_participants
 from coordinator.settings import CoordinatorSettings
 from fedq import metrics
 from fedq.state import PartialSumStore, RoundRecord, RoundStore
-from fedq.state.rounds import ABANDONED, CLOSING, FINALIZED, OPEN, FederationRecord
+from fedq.state.rounds import (
+    ABANDONED,
+    CLOSING,
+    FINALIZED,
+    OPEN,
+    FederationRecord,
+    FencedError,
+)
 from fedq.tensors import ModelSpec
 from proto.codec import decode_tensors, encode_tensors
 
@@ -50,6 +58,7 @@ class RoundManager:
         settings: CoordinatorSettings,
         ledger: Any,
         evaluator: Evaluator | None = None,
+        lease: LeaderLease | None = None,
         poll_s: float = 0.1,
     ) -> None:
         self._store = store
@@ -57,6 +66,7 @@ class RoundManager:
         self._settings = settings
         self._ledger = ledger
         self._evaluator = evaluator
+        self._lease = lease
         self._poll_s = poll_s
         self._evaluations: dict[int, asyncio.Task[None]] = {}
         self._last_wait_log = 0.0
@@ -82,11 +92,29 @@ class RoundManager:
 
     async def run(self, *, stop: asyncio.Event | None = None) -> None:
         """Tick until the federation finishes (or ``stop`` is set)."""
-        while stop is None or not stop.is_set():
-            if await self.tick():
-                break
-            await asyncio.sleep(self._poll_s)
-        await self.wait_evaluations()
+        try:
+            while stop is None or not stop.is_set():
+                if await self._lead() and await self._tick_fenced():
+                    break
+                await asyncio.sleep(self._poll_s)
+            await self.wait_evaluations()
+        finally:
+            if self._lease is not None:
+                await self._lease.release()
+
+    async def _lead(self) -> bool:
+        """Hold the lease (when there is one) and fence the store's writes with it."""
+        if self._lease is None:
+            return True
+        self._store.fence = await self._lease.hold()
+        return self._store.fence is not None
+
+    async def _tick_fenced(self) -> bool:
+        try:
+            return await self.tick()
+        except FencedError as exc:
+            log.warning("round step not taken: %s", exc)
+            return False
 
     async def wait_evaluations(self) -> None:
         """Wait for running model evaluations."""
@@ -259,7 +287,11 @@ class RoundManager:
         except Exception:
             log.exception("round %d: evaluation failed", round_id)
             return
-        await self._store.update_round(round_id, accuracy=accuracy, loss=loss)
+        try:
+            await self._store.update_round(round_id, accuracy=accuracy, loss=loss)
+        except FencedError:
+            log.warning("round %d: evaluation not recorded, another coordinator leads", round_id)
+            return
         metrics.TEST_ACCURACY.set(accuracy)
         metrics.TEST_LOSS.set(loss)
         log.info("round %d: test accuracy %.4f, loss %.4f", round_id, accuracy, loss)

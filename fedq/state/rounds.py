@@ -21,7 +21,7 @@ from fedq.plan import TrainingPlan
 from fedq.state import keys
 from fedq.tensors import ModelSpec
 
-__all__ = ["ClientRecord", "FederationRecord", "RoundRecord", "RoundStore"]
+__all__ = ["ClientRecord", "FederationRecord", "FencedError", "RoundRecord", "RoundStore"]
 
 # Round statuses. ``open`` takes uploads; ``closing`` takes no new uploads but still
 # aggregates what the gateways acknowledged; ``finalized`` has its model computed.
@@ -107,11 +107,41 @@ class ClientRecord:
     capabilities: dict[str, Any] = field(default_factory=dict)
 
 
+class FencedError(RuntimeError):
+    """A write was refused because another coordinator has taken the lead."""
+
+
+# KEYS: fence counter, hash. ARGV: fencing token, then field/value pairs.
+_FENCED_HSET = """
+if tonumber(redis.call('GET', KEYS[1]) or '0') ~= tonumber(ARGV[1]) then
+  return 0
+end
+redis.call('HSET', KEYS[2], unpack(ARGV, 2))
+return 1
+"""
+
+
 class RoundStore:
-    """Typed access to the federation, rounds, models and client registry."""
+    """Typed access to the federation, rounds, models and client registry.
+
+    With ``fence`` set (a leading coordinator's fencing token), writes of round
+    records and federation progress succeed only while that token is current.
+    """
 
     def __init__(self, redis: aioredis.Redis) -> None:
         self.redis = redis
+        self.fence: int | None = None
+        self._fenced_hset = redis.register_script(_FENCED_HSET)
+
+    async def _hset(self, key: str, mapping: dict[str, Any]) -> None:
+        if self.fence is None:
+            await self.redis.hset(key, mapping=mapping)
+            return
+        flat: list[Any] = []
+        for field_name, value in mapping.items():
+            flat += [field_name, value]
+        if not await self._fenced_hset(keys=[keys.LEADER + ":fence", key], args=[self.fence, *flat]):
+            raise FencedError(f"fencing token {self.fence} is stale; another coordinator leads")
 
     # -- federation -------------------------------------------------------------------------
 
@@ -149,9 +179,7 @@ class RoundStore:
 
     async def set_progress(self, *, current_round: int, status: str) -> None:
         """Record the current round and federation status."""
-        await self.redis.hset(
-            keys.FEDERATION, mapping={"current_round": current_round, "status": status}
-        )
+        await self._hset(keys.FEDERATION, {"current_round": current_round, "status": status})
 
     # -- rounds -----------------------------------------------------------------------------
 
@@ -173,12 +201,12 @@ class RoundStore:
             "accuracy": "" if record.accuracy is None else record.accuracy,
             "loss": "" if record.loss is None else record.loss,
         }
-        await self.redis.hset(keys.round_hash(record.round), mapping=mapping)
+        await self._hset(keys.round_hash(record.round), mapping)
 
     async def update_round(self, round_id: int, **fields: Any) -> None:
         """Change some fields of a round record."""
         mapping = {k: ("" if v is None else v) for k, v in fields.items()}
-        await self.redis.hset(keys.round_hash(round_id), mapping=mapping)
+        await self._hset(keys.round_hash(round_id), mapping)
 
     async def round(self, round_id: int) -> RoundRecord | None:
         """A round record with live counts, or None if the round never opened."""
