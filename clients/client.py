@@ -107,10 +107,13 @@ class FederatedClient:
                 elif exc.code() not in TRANSIENT_CODES:
                     raise
                 failures += 1
-                log.warning("client %s: round stream broke (%s); reconnecting", self.client_id,
-                            exc.code().name)
+                log.warning(
+                    "client %s: round stream broke (%s); reconnecting",
+                    self.client_id,
+                    exc.code().name,
+                )
                 await self.link.fail_over()
-                await asyncio.sleep(min(10.0, 0.2 * 2**min(failures, 6)))
+                await asyncio.sleep(min(10.0, 0.2 * 2 ** min(failures, 6)))
 
     async def participate(self, plan: TrainingPlan, *, digest: str = "") -> RoundOutcome:
         """Fetch the round's model, train on it under the plan and submit the update."""
@@ -118,18 +121,25 @@ class FederatedClient:
         arrays = decode_tensors(blob, max_bytes=MAX_MODEL_BYTES)
 
         loop = asyncio.get_running_loop()
-        result = await loop.run_in_executor(self.executor, self.trainer, self.model_name, arrays,
-                                            plan)
+        result = await loop.run_in_executor(
+            self.executor, self.trainer, self.model_name, arrays, plan
+        )
         payload = encode_tensors(result.delta, codec=plan.codec)
 
         update_id = f"{self.client_id}:{plan.round}:{uuid.uuid4().hex[:12]}"
         try:
-            reply = await self.submit(plan.round, update_id=update_id, payload=payload,
-                                      num_examples=result.num_examples, codec=plan.codec)
+            reply = await self.submit(
+                plan.round,
+                update_id=update_id,
+                payload=payload,
+                num_examples=result.num_examples,
+                codec=plan.codec,
+            )
         except ClientError as exc:
             log.warning("client %s: round %d update refused: %s", self.client_id, plan.round, exc)
-            return RoundOutcome(plan.round, "refused", result.loss, result.seconds, len(payload),
-                                str(exc))
+            return RoundOutcome(
+                plan.round, "refused", result.loss, result.seconds, len(payload), str(exc)
+            )
         outcome = "accepted" if reply.outcome == pb.SubmitReply.ACCEPTED else "duplicate"
         return RoundOutcome(plan.round, outcome, result.loss, result.seconds, len(payload))
 
@@ -140,11 +150,14 @@ class FederatedClient:
 
         async def attempt(stub: Any) -> None:
             nonlocal digest
-            request = pb.FetchModelRequest(client_id=self.client_id, token=self.token,
-                                           round=round_id, offset=len(buffer))
+            request = pb.FetchModelRequest(
+                client_id=self.client_id, token=self.token, round=round_id, offset=len(buffer)
+            )
             async for chunk in stub.FetchModel(request, timeout=self.link.timeout_s):
                 if chunk.offset != len(buffer):
-                    raise ClientError(f"model chunk at offset {chunk.offset}, expected {len(buffer)}")
+                    raise ClientError(
+                        f"model chunk at offset {chunk.offset}, expected {len(buffer)}"
+                    )
                 digest = digest or chunk.digest
                 buffer.extend(chunk.data)
 
@@ -154,16 +167,27 @@ class FederatedClient:
         return bytes(buffer)
 
     async def submit(
-        self, round_id: int, *, update_id: str, payload: bytes, num_examples: int,
-        codec: str = "blosc2", metrics: dict[str, float] | None = None,
+        self,
+        round_id: int,
+        *,
+        update_id: str,
+        payload: bytes,
+        num_examples: int,
+        codec: str = "blosc2",
+        metrics: dict[str, float] | None = None,
     ) -> pb.SubmitReply:
         """Upload an update; retries reuse ``update_id`` so it is counted once."""
         checksum = hashlib.sha256(payload).hexdigest()
 
         def chunks() -> list[pb.UpdateChunk]:
             header = pb.UpdateHeader(
-                client_id=self.client_id, token=self.token, round=round_id, update_id=update_id,
-                num_examples=num_examples, codec=codec, total_size=len(payload),
+                client_id=self.client_id,
+                token=self.token,
+                round=round_id,
+                update_id=update_id,
+                num_examples=num_examples,
+                codec=codec,
+                total_size=len(payload),
                 metrics=metrics or {},
             )
             parts = [pb.UpdateChunk(header=header)]
@@ -176,8 +200,13 @@ class FederatedClient:
             return await stub.SubmitUpdate(_aiter(chunks()), timeout=self.link.timeout_s)
 
         reply = await self._refusing(lambda: self.link.call(f"SubmitUpdate r{round_id}", attempt))
-        log.info("client %s: round %d update %s %s", self.client_id, round_id, update_id,
-                 pb.SubmitReply.Outcome.Name(reply.outcome).lower())
+        log.info(
+            "client %s: round %d update %s %s",
+            self.client_id,
+            round_id,
+            update_id,
+            pb.SubmitReply.Outcome.Name(reply.outcome).lower(),
+        )
         return reply
 
     async def _refusing(self, call: Callable[[], Any]) -> Any:

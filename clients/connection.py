@@ -90,8 +90,14 @@ class GatewayLink:
                     raise
                 last = exc
                 delay = self._policy.delay(n, self._rng)
-                log.warning("%s failed (%s: %s); retry %d in %.2fs", what, exc.code().name,
-                            exc.details(), n + 1, delay)
+                log.warning(
+                    "%s failed (%s: %s); retry %d in %.2fs",
+                    what,
+                    exc.code().name,
+                    exc.details(),
+                    n + 1,
+                    delay,
+                )
                 await self.fail_over()
                 await asyncio.sleep(delay)
         assert last is not None

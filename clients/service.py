@@ -70,8 +70,13 @@ class ClientSettings:
 async def run_client(settings: ClientSettings) -> int:
     """Train in every round this client is selected for; returns rounds accepted."""
     train = load_dataset(settings.dataset, root=settings.data_dir or None, train=True)
-    parts = partition(train.tensors[1].numpy(), settings.partitions,
-                      scheme=settings.partition_scheme, alpha=settings.alpha, seed=settings.seed)
+    parts = partition(
+        train.tensors[1].numpy(),
+        settings.partitions,
+        scheme=settings.partition_scheme,
+        alpha=settings.alpha,
+        seed=settings.seed,
+    )
     indices = torch.from_numpy(parts[settings.partition_index])
     data = torch.utils.data.TensorDataset(*(t[indices] for t in train.tensors))
 
@@ -80,13 +85,15 @@ async def run_client(settings: ClientSettings) -> int:
 
     policy = RetryPolicy(attempts=settings.retry_attempts, call_timeout_s=settings.call_timeout_s)
     link = GatewayLink(list(settings.gateways), policy=policy, seed=settings.seed)
-    client = FederatedClient(client_id=settings.client_id, link=link, num_examples=len(data),
-                             trainer=trainer)
+    client = FederatedClient(
+        client_id=settings.client_id, link=link, num_examples=len(data), trainer=trainer
+    )
     try:
         outcomes = await client.run()
     finally:
         await link.close()
     accepted = sum(o.outcome == "accepted" for o in outcomes)
-    log.info("client %s done: %d of %d rounds accepted", settings.client_id, accepted,
-             len(outcomes))
+    log.info(
+        "client %s done: %d of %d rounds accepted", settings.client_id, accepted, len(outcomes)
+    )
     return accepted

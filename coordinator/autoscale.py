@@ -121,8 +121,14 @@ class BacklogPublisher:
         # boto3 is blocking; a slow endpoint must not stall rounds on the event loop.
         await asyncio.to_thread(self._put, data)
 
-        log.debug("%s: published %s=%.2f (%d ready, %d consumers)", self._settings.federation,
-                  BACKLOG_METRIC, backlog, stats.ready, stats.consumers)
+        log.debug(
+            "%s: published %s=%.2f (%d ready, %d consumers)",
+            self._settings.federation,
+            BACKLOG_METRIC,
+            backlog,
+            stats.ready,
+            stats.consumers,
+        )
         return backlog
 
     async def run(self, queue: UpdateQueue, interval_s: float | None = None) -> None:
@@ -131,21 +137,33 @@ class BacklogPublisher:
         if interval_s <= 0:
             raise ValueError(f"interval_s={interval_s}: expected > 0")
 
-        log.info("%s: publishing %s to CloudWatch namespace %s every %.0f s",
-                 self._settings.federation, BACKLOG_METRIC, self._settings.namespace, interval_s)
+        log.info(
+            "%s: publishing %s to CloudWatch namespace %s every %.0f s",
+            self._settings.federation,
+            BACKLOG_METRIC,
+            self._settings.namespace,
+            interval_s,
+        )
         failures = 0
         while True:
             try:
                 await self.publish_once(await queue.stats())
             except Exception as exc:  # noqa: BLE001 - the loop must outlive broker and AWS outages
                 failures += 1
-                log.warning("%s: backlog not published (%d in a row): %s",
-                            self._settings.federation, failures, exc)
+                log.warning(
+                    "%s: backlog not published (%d in a row): %s",
+                    self._settings.federation,
+                    failures,
+                    exc,
+                )
                 log.debug("backlog publishing failure", exc_info=True)
             else:
                 if failures:
-                    log.info("%s: backlog publishing recovered after %d failures",
-                             self._settings.federation, failures)
+                    log.info(
+                        "%s: backlog publishing recovered after %d failures",
+                        self._settings.federation,
+                        failures,
+                    )
                 failures = 0
             await asyncio.sleep(interval_s)
 
@@ -162,8 +180,7 @@ class BacklogPublisher:
         self.close()
 
     def _datum(self, name: str, value: float) -> dict[str, Any]:
-        return {"MetricName": name, "Dimensions": self._dimensions, "Value": value,
-                "Unit": "Count"}
+        return {"MetricName": name, "Dimensions": self._dimensions, "Value": value, "Unit": "Count"}
 
     def _put(self, data: list[dict[str, Any]]) -> None:
         from botocore.exceptions import BotoCoreError, ClientError

@@ -34,24 +34,41 @@ async def run_coordinator() -> None:
     redis = await connect_redis(urls.redis_url)
     queue = await open_queue(urls.amqp_url, delivery_limit=urls.delivery_limit)
     store = RoundStore(redis)
-    ledger = PrivacyLedger(redis, delta=settings.delta, default_budget=settings.epsilon_budget,
-                           accountant=settings.accountant)
+    ledger = PrivacyLedger(
+        redis,
+        delta=settings.delta,
+        default_budget=settings.epsilon_budget,
+        accountant=settings.accountant,
+    )
 
     model_name = settings.model or default_model_for(settings.dataset)
     evaluator = None
     if settings.evaluate:
         test_data = load_dataset(settings.dataset, root=settings.data_dir or None, train=False)
         evaluator = lambda arrays: evaluate(model_name, arrays, test_data)  # noqa: E731
-    lease = LeaderLease(redis, owner=f"{socket.gethostname()}-{os.getpid()}",
-                        ttl_s=settings.leader_ttl_s)
-    manager = RoundManager(store=RoundStore(redis), partials=PartialSumStore(redis),
-                           settings=settings, ledger=ledger, evaluator=evaluator, lease=lease)
+    lease = LeaderLease(
+        redis, owner=f"{socket.gethostname()}-{os.getpid()}", ttl_s=settings.leader_ttl_s
+    )
+    manager = RoundManager(
+        store=RoundStore(redis),
+        partials=PartialSumStore(redis),
+        settings=settings,
+        ledger=ledger,
+        evaluator=evaluator,
+        lease=lease,
+    )
     await manager.ensure_federation(
         model_name=model_name, initial=model_arrays(build_model(model_name, seed=settings.seed))
     )
 
-    api = ApiServer(host=settings.api_host, port=settings.api_port, store=store, ledger=ledger,
-                    queue=queue, settings=settings)
+    api = ApiServer(
+        host=settings.api_host,
+        port=settings.api_port,
+        store=store,
+        ledger=ledger,
+        queue=queue,
+        settings=settings,
+    )
     await api.start()
     stop = _stop_event()
     try:
@@ -72,9 +89,12 @@ async def run_gateway() -> None:
     serve_metrics(settings.metrics_port)
     redis = await connect_redis(urls.redis_url)
     queue = await open_queue(urls.amqp_url, delivery_limit=urls.delivery_limit)
-    ledger = PrivacyLedger(redis, delta=coordinator.delta,
-                           default_budget=coordinator.epsilon_budget,
-                           accountant=coordinator.accountant)
+    ledger = PrivacyLedger(
+        redis,
+        delta=coordinator.delta,
+        default_budget=coordinator.epsilon_budget,
+        accountant=coordinator.accountant,
+    )
     server = GatewayServer(store=RoundStore(redis), queue=queue, settings=settings, ledger=ledger)
     await server.start()
     try:

@@ -19,7 +19,9 @@ class ServiceUrls:
     delivery_limit: int = 5
 
     def __repr__(self) -> str:
-        return f"ServiceUrls(amqp_url={_mask(self.amqp_url)!r}, redis_url={_mask(self.redis_url)!r})"
+        return (
+            f"ServiceUrls(amqp_url={_mask(self.amqp_url)!r}, redis_url={_mask(self.redis_url)!r})"
+        )
 
     @classmethod
     def from_env(cls, env: EnvReader | None = None) -> ServiceUrls:
@@ -102,7 +104,10 @@ class CoordinatorSettings:
 
     def __repr__(self) -> str:
         token = "***" if self.admin_token else ""
-        return f"CoordinatorSettings(dataset={self.dataset!r}, rounds={self.rounds}, admin_token={token!r})"
+        return (
+            f"CoordinatorSettings(dataset={self.dataset!r}, rounds={self.rounds}, "
+            f"admin_token={token!r})"
+        )
 
     @property
     def start_clients(self) -> int:

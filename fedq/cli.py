@@ -28,8 +28,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     env = EnvReader()
     try:
-        setup_logging(level=args.log_level or env.str("LOG_LEVEL", "INFO"),
-                      fmt=env.str("LOG_FORMAT", "text", choices=("text", "json")))
+        setup_logging(
+            level=args.log_level or env.str("LOG_LEVEL", "INFO"),
+            fmt=env.str("LOG_FORMAT", "text", choices=("text", "json")),
+        )
         return int(asyncio.run(args.handler(args)) or 0)
     except SettingsError as exc:
         print(f"fedq: configuration error: {exc}", file=sys.stderr)
@@ -43,7 +45,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedq", description=__doc__)
-    parser.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING (env FEDQ_LOG_LEVEL)")
+    parser.add_argument(
+        "--log-level", default=None, help="DEBUG, INFO, WARNING (env FEDQ_LOG_LEVEL)"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run a whole federation on this machine")
@@ -65,8 +69,9 @@ def _parser() -> argparse.ArgumentParser:
     client.add_argument("--data-dir", default=None)
     client.add_argument("--partitions", type=int, default=None)
     client.add_argument("--partition-index", type=int, default=None)
-    client.add_argument("--partition", dest="partition_scheme", default=None,
-                        choices=("iid", "dirichlet"))
+    client.add_argument(
+        "--partition", dest="partition_scheme", default=None, choices=("iid", "dirichlet")
+    )
     client.add_argument("--alpha", type=float, default=None)
     client.set_defaults(handler=_client)
 
@@ -104,8 +109,12 @@ def _add_run_arguments(run: argparse.ArgumentParser) -> None:
     run.add_argument("--amqp-url", default=None, help="RabbitMQ URL (env FEDQ_AMQP_URL)")
     run.add_argument("--redis-url", default=None, help="Redis URL (env FEDQ_REDIS_URL)")
     run.add_argument("--resume", action="store_true", help="continue the federation in Redis")
-    run.add_argument("--min-accuracy", type=float, default=None,
-                     help="exit 1 unless the final test accuracy reaches this")
+    run.add_argument(
+        "--min-accuracy",
+        type=float,
+        default=None,
+        help="exit 1 unless the final test accuracy reaches this",
+    )
 
 
 async def _run(args: argparse.Namespace) -> int:
@@ -115,20 +124,32 @@ async def _run(args: argparse.Namespace) -> int:
 
     settings = _run_settings(args)
     urls = ServiceUrls.from_env()
-    urls = replace(urls, amqp_url=args.amqp_url if args.amqp_url is not None else urls.amqp_url,
-                   redis_url=args.redis_url if args.redis_url is not None else urls.redis_url)
+    urls = replace(
+        urls,
+        amqp_url=args.amqp_url if args.amqp_url is not None else urls.amqp_url,
+        redis_url=args.redis_url if args.redis_url is not None else urls.redis_url,
+    )
     if args.clients < 1 or args.workers < 1:
         raise SettingsError("--clients and --workers must be at least 1")
 
     mode = "RabbitMQ + Redis" if urls.amqp_url and urls.redis_url else "embedded queue/store"
     if bool(urls.amqp_url) != bool(urls.redis_url):
         raise SettingsError("give both --amqp-url and --redis-url, or neither (embedded mode)")
-    print(f"fedq: {args.clients} clients, {settings.rounds} rounds, {args.workers} workers, "
-          f"{settings.dataset}, DP {settings.plan.dp_mode}, {mode}", flush=True)
+    print(
+        f"fedq: {args.clients} clients, {settings.rounds} rounds, {args.workers} workers, "
+        f"{settings.dataset}, DP {settings.plan.dp_mode}, {mode}",
+        flush=True,
+    )
 
-    options = FederationOptions(clients=args.clients, workers=args.workers,
-                                partition=args.partition, alpha=args.alpha,
-                                api_port=args.api_port, resume=args.resume, progress=sys.stdout)
+    options = FederationOptions(
+        clients=args.clients,
+        workers=args.workers,
+        partition=args.partition,
+        alpha=args.alpha,
+        api_port=args.api_port,
+        resume=args.resume,
+        progress=sys.stdout,
+    )
     summary = await run_federation(settings, urls, options)
     print_summary(summary, settings=settings, out=sys.stdout)
 
@@ -160,8 +181,8 @@ def _run_settings(args: argparse.Namespace) -> CoordinatorSettings:
         "model": args.model,
         "data_dir": args.data_dir,
         "rounds": args.rounds,
-        "clients_per_round": args.clients_per_round or (
-            args.clients if "FEDQ_CLIENTS_PER_ROUND" not in os.environ else None),
+        "clients_per_round": args.clients_per_round
+        or (args.clients if "FEDQ_CLIENTS_PER_ROUND" not in os.environ else None),
         "epsilon_budget": args.epsilon_budget,
         "round_timeout_s": args.round_timeout,
         "seed": args.seed,
@@ -172,10 +193,18 @@ def _run_settings(args: argparse.Namespace) -> CoordinatorSettings:
 async def _privacy(args: argparse.Namespace) -> int:
     from coordinator.privacy import tradeoff_table
 
-    rows = tradeoff_table(args.noise, sample_rate=args.sample_rate, local_steps=args.local_steps,
-                          rounds=args.rounds, delta=args.delta, accountant=args.accountant)
-    print(f"{'noise':>8} {'ε':>10}   (q={args.sample_rate}, {args.local_steps} steps × "
-          f"{args.rounds} rounds, δ={args.delta:g}, {args.accountant})")
+    rows = tradeoff_table(
+        args.noise,
+        sample_rate=args.sample_rate,
+        local_steps=args.local_steps,
+        rounds=args.rounds,
+        delta=args.delta,
+        accountant=args.accountant,
+    )
+    print(
+        f"{'noise':>8} {'ε':>10}   (q={args.sample_rate}, {args.local_steps} steps × "
+        f"{args.rounds} rounds, δ={args.delta:g}, {args.accountant})"
+    )
     for row in rows:
         print(f"{row['noise_multiplier']:>8.3f} {row['epsilon']:>10.3f}")
     return 0
@@ -184,12 +213,17 @@ async def _privacy(args: argparse.Namespace) -> int:
 async def _client(args: argparse.Namespace) -> int:
     from clients.service import ClientSettings, run_client
 
-    gateways = tuple(g.strip() for g in args.gateways.split(",") if g.strip()) \
-        if args.gateways else None
+    gateways = (
+        tuple(g.strip() for g in args.gateways.split(",") if g.strip()) if args.gateways else None
+    )
     settings = ClientSettings.from_env(
-        client_id=args.client_id, gateways=gateways, dataset=args.dataset,
-        data_dir=args.data_dir, partitions=args.partitions,
-        partition_index=args.partition_index, partition_scheme=args.partition_scheme,
+        client_id=args.client_id,
+        gateways=gateways,
+        dataset=args.dataset,
+        data_dir=args.data_dir,
+        partitions=args.partitions,
+        partition_index=args.partition_index,
+        partition_scheme=args.partition_scheme,
         alpha=args.alpha,
     )
     await run_client(settings)

@@ -31,6 +31,7 @@ from fedq.models import build_model, default_model_for, model_arrays
 from fedq.queue import UpdateQueue, open_queue
 from fedq.state import PartialSumStore, RoundStore, connect_redis
 from fedq.state.rounds import reset_federation
+from fedq.tasks import cancel_and_wait
 from workers import AggregationWorker, WorkerSettings
 
 __all__ = ["FederationOptions", "FederationSummary", "run_federation"]
@@ -92,25 +93,38 @@ async def run_federation(
         await _fresh_state(redis, queue)
 
     store, partials = RoundStore(redis), PartialSumStore(redis)
-    ledger = PrivacyLedger(redis, delta=settings.delta, default_budget=settings.epsilon_budget,
-                           accountant=settings.accountant)
+    ledger = PrivacyLedger(
+        redis,
+        delta=settings.delta,
+        default_budget=settings.epsilon_budget,
+        accountant=settings.accountant,
+    )
     test_data = load_dataset(settings.dataset, root=settings.data_dir or None, train=False)
     manager = RoundManager(
-        store=store, partials=partials, settings=settings, ledger=ledger,
-        evaluator=(lambda arrays: evaluate(model_name, arrays, test_data)) if settings.evaluate
+        store=store,
+        partials=partials,
+        settings=settings,
+        ledger=ledger,
+        evaluator=(lambda arrays: evaluate(model_name, arrays, test_data))
+        if settings.evaluate
         else None,
     )
     initial = model_arrays(build_model(model_name, seed=settings.seed))
     await manager.ensure_federation(model_name=model_name, initial=initial)
 
-    gateway = GatewayServer(store=store, queue=queue, ledger=ledger,
-                            settings=GatewaySettings(host="127.0.0.1", port=0))
+    gateway = GatewayServer(
+        store=store, queue=queue, ledger=ledger, settings=GatewaySettings(host="127.0.0.1", port=0)
+    )
     port = await gateway.start()
     api = await _start_api(options, store=store, ledger=ledger, queue=queue, settings=settings)
 
     workers = [
-        AggregationWorker(queue=queue, redis=redis, settings=worker_settings or WorkerSettings(),
-                          name=f"worker-{i}")
+        AggregationWorker(
+            queue=queue,
+            redis=redis,
+            settings=worker_settings or WorkerSettings(),
+            name=f"worker-{i}",
+        )
         for i in range(options.workers)
     ]
     worker_tasks = [asyncio.create_task(w.run(), name=w.worker_id) for w in workers]
@@ -119,12 +133,9 @@ async def run_federation(
     clients = _make_clients(settings, options, model_name=model_name, port=port, pool=train_pool)
     summary = FederationSummary()
     try:
-        await _drive(manager, clients, store=store, ledger=ledger, options=options,
-                     summary=summary)
+        await _drive(manager, clients, store=store, ledger=ledger, options=options, summary=summary)
     finally:
-        for task in worker_tasks:
-            task.cancel()
-        await asyncio.gather(*worker_tasks, return_exceptions=True)
+        await cancel_and_wait(*worker_tasks)
         await gateway.stop(grace_s=1.0)
         if api is not None:
             await api.stop()
@@ -140,10 +151,15 @@ async def run_federation(
     return summary
 
 
-def _with_defaults(settings: CoordinatorSettings, options: FederationOptions) -> CoordinatorSettings:
+def _with_defaults(
+    settings: CoordinatorSettings, options: FederationOptions
+) -> CoordinatorSettings:
     per_round = min(settings.clients_per_round, options.clients)
-    return replace(settings, clients_per_round=per_round,
-                   min_clients=min(settings.start_clients, options.clients))
+    return replace(
+        settings,
+        clients_per_round=per_round,
+        min_clients=min(settings.start_clients, options.clients),
+    )
 
 
 async def _fresh_state(redis: Any, queue: UpdateQueue) -> None:
@@ -171,12 +187,15 @@ def _make_clients(
 ) -> list[FederatedClient]:
     train = load_dataset(settings.dataset, root=settings.data_dir or None, train=True)
     labels = train.tensors[1].numpy()
-    parts = partition(labels, options.clients, scheme=options.partition, alpha=options.alpha,
-                      seed=settings.seed)
+    parts = partition(
+        labels, options.clients, scheme=options.partition, alpha=options.alpha, seed=settings.seed
+    )
 
     clients = []
     for i, indices in enumerate(parts):
-        subset = torch.utils.data.TensorDataset(*(t[torch.from_numpy(indices)] for t in train.tensors))
+        subset = torch.utils.data.TensorDataset(
+            *(t[torch.from_numpy(indices)] for t in train.tensors)
+        )
         clients.append(
             FederatedClient(
                 client_id=f"client-{i:03d}",
@@ -220,11 +239,7 @@ async def _drive(
             else:
                 summary.outcomes[client_id] = result
     finally:
-        progress.cancel()
-        manager_task.cancel()
-        for task in client_tasks.values():
-            task.cancel()
-        await asyncio.gather(progress, manager_task, *client_tasks.values(), return_exceptions=True)
+        await cancel_and_wait(progress, manager_task, *client_tasks.values())
         await _print_new_rounds(store, ledger, options.progress, printed=printed)
 
 
@@ -243,18 +258,22 @@ async def _print_new_rounds(
         return
     for record in await _rounds(store):
         done = record.status in ("finalized", "abandoned")
-        if record.round in printed or not done or (
-            record.status == "finalized" and record.accuracy is None
+        if (
+            record.round in printed
+            or not done
+            or (record.status == "finalized" and record.accuracy is None)
         ):
             continue
         printed.add(record.round)
         accuracy = f"{record.accuracy:.4f}" if record.accuracy is not None else "-"
         spent = [p["epsilon_spent"] for p in await ledger.report()]
         print(
-            f"round {record.round:>3}  {record.status:<9}  participants {len(record.participants):>3}"
+            f"round {record.round:>3}  {record.status:<9}"
+            f"  participants {len(record.participants):>3}"
             f"  updates {record.aggregated:>3}/{record.target:<3}  accuracy {accuracy}"
             f"  ε max {max(spent, default=0.0):.3f}  {record.closed_at - record.opened_at:6.1f}s",
-            file=out, flush=True,
+            file=out,
+            flush=True,
         )
 
 

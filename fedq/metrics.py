@@ -26,13 +26,15 @@ UPDATES_REJECTED = Counter(
 UPDATES_AGGREGATED = Counter(
     "fedq_updates_aggregated_total", "Updates committed into partial sums by this worker"
 )
-DEAD_LETTERS = Counter("fedq_dead_letters_total", "Updates moved to the dead-letter queue",
-                       ["reason"])
+DEAD_LETTERS = Counter(
+    "fedq_dead_letters_total", "Updates moved to the dead-letter queue", ["reason"]
+)
 AGGREGATION_SECONDS = Histogram(
     "fedq_aggregation_seconds", "Seconds from a batch's first update to its commit"
 )
 ROUND_SECONDS = Histogram(
-    "fedq_round_seconds", "Seconds from a round's opening to its model",
+    "fedq_round_seconds",
+    "Seconds from a round's opening to its model",
     buckets=(1, 5, 10, 30, 60, 120, 300, 600, 1800),
 )
 QUEUE_DEPTH = Gauge("fedq_queue_depth", "Updates ready in the queue")

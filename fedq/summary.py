@@ -9,8 +9,10 @@ __all__ = ["print_summary"]
 
 def print_summary(summary: Any, *, settings: Any, out: TextIO) -> None:
     """Print rounds (accuracy, loss, updates, time) and the privacy spent."""
-    print("\nround  status      participants  aggregated  examples  accuracy   loss    seconds",
-          file=out)
+    print(
+        "\nround  status      participants  aggregated  examples  accuracy   loss    seconds",
+        file=out,
+    )
     for r in summary.rounds:
         accuracy = f"{r['test_accuracy']:.4f}" if r["test_accuracy"] is not None else "   -  "
         loss = f"{r['test_loss']:.4f}" if r["test_loss"] is not None else "   -  "
@@ -35,5 +37,8 @@ def print_summary(summary: Any, *, settings: Any, out: TextIO) -> None:
             file=out,
         )
     final = summary.final_accuracy
-    print(f"final test accuracy: {final:.4f}" if final is not None else "no model evaluated",
-          f"in {summary.seconds:.1f}s", file=out)
+    print(
+        f"final test accuracy: {final:.4f}" if final is not None else "no model evaluated",
+        f"in {summary.seconds:.1f}s",
+        file=out,
+    )

@@ -11,7 +11,8 @@ What it verifies:
 * fedq services run a subcommand the ``fedq`` entry point has, and every
   ``FEDQ_*`` variable they set is one the services read;
 * Prometheus targets are compose services, and the Grafana dashboard only
-  queries metrics defined in ``fedq/metrics.py``.
+  queries metrics that the services define (``fedq/metrics.py`` and the
+  coordinator API's own gauges).
 
 Usage: ``python infra/check_compose.py [docker-compose.yml]`` (exit 1 on any problem).
 """
@@ -24,13 +25,20 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from checklib import REPO_ROOT, fedq_commands, known_fedq_variables, load_yaml_documents, report
+from checklib import (
+    REPO_ROOT,
+    SETTINGS_SOURCES,
+    fedq_commands,
+    known_fedq_variables,
+    load_yaml_documents,
+    report,
+)
 
 DEFAULT_COMPOSE = REPO_ROOT / "docker-compose.yml"
 FEDQ_DOCKERFILE = "infra/docker/Dockerfile"
 SCALED_SERVICES = ("worker",)
 _METRIC_NAME = re.compile(r"\b(fedq_[a-z0-9_]+)")
-_DEFINED_METRIC = re.compile(r"\"(fedq_[a-z0-9_]+)\"")
+_DEFINED_METRIC = re.compile(r"\b(?:Counter|Gauge|Histogram|Summary)\(\s*\"(fedq_[a-z0-9_]+)\"")
 _HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
 
 
@@ -68,28 +76,45 @@ def check_prometheus(path: Path, services: set[str]) -> list[str]:
 
     problems = []
     for job in config.get("scrape_configs") or []:
-        hosts = [t.rsplit(":", 1)[0] for static in job.get("static_configs") or []
-                 for t in static.get("targets") or []]
+        hosts = [
+            t.rsplit(":", 1)[0]
+            for static in job.get("static_configs") or []
+            for t in static.get("targets") or []
+        ]
         hosts += [n for dns in job.get("dns_sd_configs") or [] for n in dns.get("names") or []]
-        problems += [f"prometheus job {job.get('job_name')}: target {host!r} is no service"
-                     for host in hosts if host not in services | {"localhost"}]
+        problems += [
+            f"prometheus job {job.get('job_name')}: target {host!r} is no service"
+            for host in hosts
+            if host not in services | {"localhost"}
+        ]
     return problems
 
 
 def check_dashboard(path: Path) -> list[str]:
-    """Dashboard queries may only use metrics that ``fedq/metrics.py`` defines."""
+    """Dashboard queries may only use metrics that the services define."""
     dashboard = json.loads(path.read_text(encoding="utf-8"))
-    defined = set(_DEFINED_METRIC.findall(
-        (REPO_ROOT / "fedq" / "metrics.py").read_text(encoding="utf-8")))
+    defined = defined_metrics()
 
     problems = []
     for panel in dashboard.get("panels") or []:
         for target in panel.get("targets") or []:
             for metric in _METRIC_NAME.findall(target.get("expr", "")):
                 if _base_metric(metric) not in defined:
-                    problems.append(f"{path.name}: panel {panel.get('title')!r} queries "
-                                    f"{metric}, which fedq/metrics.py does not define")
+                    problems.append(
+                        f"{path.name}: panel {panel.get('title')!r} queries "
+                        f"{metric}, which no fedq service defines"
+                    )
     return problems
+
+
+def defined_metrics(root: Path = REPO_ROOT) -> set[str]:
+    """Names of the Prometheus metrics created anywhere in the services' source."""
+    return {
+        name
+        for package in SETTINGS_SOURCES
+        for path in sorted((root / package).rglob("*.py"))
+        for name in _DEFINED_METRIC.findall(path.read_text(encoding="utf-8"))
+    }
 
 
 def _base_metric(name: str) -> str:
@@ -111,8 +136,9 @@ def _check_source(name: str, service: dict[str, Any], base: Path) -> list[str]:
         problems.append(f"{name}: image {image} uses 'latest'")
     if build:
         context = base / (build if isinstance(build, str) else build.get("context", "."))
-        dockerfile = "Dockerfile" if isinstance(build, str) else build.get("dockerfile",
-                                                                           "Dockerfile")
+        dockerfile = (
+            "Dockerfile" if isinstance(build, str) else build.get("dockerfile", "Dockerfile")
+        )
         if not context.is_dir():
             problems.append(f"{name}: build context {context} missing")
         elif not (context / dockerfile).is_file():
@@ -120,8 +146,7 @@ def _check_source(name: str, service: dict[str, Any], base: Path) -> list[str]:
     return problems
 
 
-def _check_volumes(name: str, service: dict[str, Any], base: Path,
-                   declared: set[str]) -> list[str]:
+def _check_volumes(name: str, service: dict[str, Any], base: Path, declared: set[str]) -> list[str]:
     problems = []
     for volume in service.get("volumes") or []:
         source = volume.split(":", 1)[0] if isinstance(volume, str) else volume.get("source", "")
@@ -133,12 +158,15 @@ def _check_volumes(name: str, service: dict[str, Any], base: Path,
     return problems
 
 
-def _check_depends_on(name: str, service: dict[str, Any],
-                      services: dict[str, dict[str, Any]]) -> list[str]:
+def _check_depends_on(
+    name: str, service: dict[str, Any], services: dict[str, dict[str, Any]]
+) -> list[str]:
     depends = service.get("depends_on") or {}
-    conditions = ({d: "service_started" for d in depends} if isinstance(depends, list)
-                  else {d: (c or {}).get("condition", "service_started")
-                        for d, c in depends.items()})
+    conditions = (
+        {d: "service_started" for d in depends}
+        if isinstance(depends, list)
+        else {d: (c or {}).get("condition", "service_started") for d, c in depends.items()}
+    )
 
     problems = []
     for other, condition in conditions.items():
@@ -180,13 +208,21 @@ def _check_fedq_services(services: dict[str, dict[str, Any]]) -> list[str]:
         command = service.get("command") or ["coordinator"]
         command = command.split() if isinstance(command, str) else command
         if command[0] not in commands:
-            problems.append(f"{name}: `fedq {command[0]}` is not a fedq subcommand "
-                            f"(have: {', '.join(sorted(commands))})")
+            problems.append(
+                f"{name}: `fedq {command[0]}` is not a fedq subcommand "
+                f"(have: {', '.join(sorted(commands))})"
+            )
         environment = service.get("environment") or {}
-        keys = environment if isinstance(environment, dict) else [
-            e.split("=", 1)[0] for e in environment]
-        problems += [f"{name}: {key} is not read by any fedq service"
-                     for key in keys if key.startswith("FEDQ_") and key not in variables]
+        keys = (
+            environment
+            if isinstance(environment, dict)
+            else [e.split("=", 1)[0] for e in environment]
+        )
+        problems += [
+            f"{name}: {key} is not read by any fedq service"
+            for key in keys
+            if key.startswith("FEDQ_") and key not in variables
+        ]
     return problems
 
 

@@ -33,8 +33,11 @@ Doc = dict[str, Any]
 
 def check(folder: Path, *, builtin: bool = True) -> list[str]:
     """Every problem found in the manifests of ``folder``."""
-    docs = [(path.name, doc) for path in sorted(folder.glob("*.yaml"))
-            for doc in load_yaml_documents(path)]
+    docs = [
+        (path.name, doc)
+        for path in sorted(folder.glob("*.yaml"))
+        for doc in load_yaml_documents(path)
+    ]
     if not docs:
         return [f"no manifests in {folder}"]
 
@@ -51,8 +54,10 @@ def check(folder: Path, *, builtin: bool = True) -> list[str]:
 
 def check_references(docs: list[Doc]) -> list[str]:
     """Cross-object checks that no schema can express."""
-    index = {(d["kind"], d["metadata"].get("namespace", "default"), d["metadata"]["name"]): d
-             for d in docs}
+    index = {
+        (d["kind"], d["metadata"].get("namespace", "default"), d["metadata"]["name"]): d
+        for d in docs
+    }
     problems = []
     for doc in docs:
         kind = doc["kind"]
@@ -66,8 +71,11 @@ def check_references(docs: list[Doc]) -> list[str]:
             problems += _check_trigger_auth(doc, index)
         elif kind == "ConfigMap":
             unknown = sorted(set(doc.get("data") or {}) - known_fedq_variables())
-            problems += [f"ConfigMap {_name(doc)}: {key} is not read by any fedq service"
-                         for key in unknown if key.startswith("FEDQ_")]
+            problems += [
+                f"ConfigMap {_name(doc)}: {key} is not read by any fedq service"
+                for key in unknown
+                if key.startswith("FEDQ_")
+            ]
     return problems
 
 
@@ -89,8 +97,10 @@ def _validate_keda(source: str, doc: Doc, schema_path: Path) -> list[str]:
     schema = json.loads(schema_path.read_text(encoding="utf-8"))
     Draft202012Validator.check_schema(schema)
     validator = Draft202012Validator(schema)
-    return [f"{source}: {doc['kind']} {_name(doc)}: {'/'.join(map(str, e.absolute_path))}: "
-            f"{e.message}" for e in validator.iter_errors(doc)]
+    return [
+        f"{source}: {doc['kind']} {_name(doc)}: {'/'.join(map(str, e.absolute_path))}: {e.message}"
+        for e in validator.iter_errors(doc)
+    ]
 
 
 def _check_deployment(doc: Doc, index: dict[tuple[str, str, str], Doc]) -> list[str]:
@@ -122,11 +132,14 @@ def _check_service(doc: Doc, index: dict[tuple[str, str, str], Doc]) -> list[str
             continue
         template = other["spec"]["template"]
         if all(template["metadata"].get("labels", {}).get(k) == v for k, v in selector.items()):
-            ports = {p.get("name") for c in template["spec"]["containers"]
-                     for p in c.get("ports") or []}
-            return [f"Service {name}: targetPort {p['targetPort']} is no container port"
-                    for p in doc["spec"]["ports"]
-                    if isinstance(p.get("targetPort"), str) and p["targetPort"] not in ports]
+            ports = {
+                p.get("name") for c in template["spec"]["containers"] for p in c.get("ports") or []
+            }
+            return [
+                f"Service {name}: targetPort {p['targetPort']} is no container port"
+                for p in doc["spec"]["ports"]
+                if isinstance(p.get("targetPort"), str) and p["targetPort"] not in ports
+            ]
     return [f"Service {name}: selector {selector} matches no Deployment"]
 
 
@@ -149,8 +162,9 @@ def _check_scaled_object(doc: Doc, index: dict[tuple[str, str, str], Doc]) -> li
             problems.append(f"ScaledObject {name}: TriggerAuthentication {auth} missing")
         queue = trigger["metadata"].get("queueName")
         if trigger["type"] == "rabbitmq" and queue != UPDATES_QUEUE:
-            problems.append(f"ScaledObject {name}: scales on queue {queue!r}, "
-                            f"workers consume {UPDATES_QUEUE!r}")
+            problems.append(
+                f"ScaledObject {name}: scales on queue {queue!r}, workers consume {UPDATES_QUEUE!r}"
+            )
     return problems
 
 
@@ -162,8 +176,9 @@ def _check_trigger_auth(doc: Doc, index: dict[tuple[str, str, str], Doc]) -> lis
         if secret is None:
             problems.append(f"TriggerAuthentication {name}: Secret {ref['name']} missing")
         elif ref["key"] not in {**(secret.get("data") or {}), **(secret.get("stringData") or {})}:
-            problems.append(f"TriggerAuthentication {name}: Secret {ref['name']} has no "
-                            f"key {ref['key']}")
+            problems.append(
+                f"TriggerAuthentication {name}: Secret {ref['name']} has no key {ref['key']}"
+            )
     return problems
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 __all__ = [
     "REPO_ROOT",
+    "SETTINGS_SOURCES",
     "fedq_commands",
     "known_fedq_variables",
     "load_yaml_documents",

@@ -23,10 +23,23 @@ from pathlib import Path
 from checklib import REPO_ROOT, report
 
 DEFAULT_DOCKERFILE = REPO_ROOT / "infra" / "docker" / "Dockerfile"
-BUILD_TOOLS = frozenset({
-    "build-essential", "gcc", "g++", "make", "cmake", "clang", "cc", "ninja-build",
-    "autoconf", "automake", "libtool", "pkg-config", "git",
-})
+BUILD_TOOLS = frozenset(
+    {
+        "build-essential",
+        "gcc",
+        "g++",
+        "make",
+        "cmake",
+        "clang",
+        "cc",
+        "ninja-build",
+        "autoconf",
+        "automake",
+        "libtool",
+        "pkg-config",
+        "git",
+    }
+)
 _ROOT_USERS = frozenset({"root", "0", "0:0", "root:root"})
 
 
@@ -52,8 +65,11 @@ class Stage:
 def lint(text: str) -> list[str]:
     """Every rule violation in a Dockerfile's text, as readable lines."""
     instructions = parse(text)
-    args = {i.argument.split("=", 1)[0]: i.argument.split("=", 1)[1].strip('"')
-            for i in instructions if i.keyword == "ARG" and "=" in i.argument}
+    args = {
+        i.argument.split("=", 1)[0]: i.argument.split("=", 1)[1].strip('"')
+        for i in instructions
+        if i.keyword == "ARG" and "=" in i.argument
+    }
     stages = _stages(instructions)
     if not stages:
         return ["no FROM instruction"]
@@ -120,17 +136,22 @@ def _check_apt(run: Instruction) -> list[str]:
     if "--no-install-recommends" not in run.argument:
         problems.append(f"line {run.line}: apt-get install without --no-install-recommends")
     if "/var/lib/apt/lists" not in run.argument:
-        problems.append(f"line {run.line}: apt lists not removed in the same RUN "
-                        "(add && rm -rf /var/lib/apt/lists/*)")
+        problems.append(
+            f"line {run.line}: apt lists not removed in the same RUN "
+            "(add && rm -rf /var/lib/apt/lists/*)"
+        )
     return problems
 
 
 def _check_final(stage: Stage) -> list[str]:
     label = stage.name or stage.base
-    problems = [f"final stage {label}: line {i.line} installs build tool(s) "
-                f"{', '.join(sorted(tools))}"
-                for i in stage.instructions if i.keyword == "RUN"
-                for tools in [_installed_tools(i.argument)] if tools]
+    problems = [
+        f"final stage {label}: line {i.line} installs build tool(s) {', '.join(sorted(tools))}"
+        for i in stage.instructions
+        if i.keyword == "RUN"
+        for tools in [_installed_tools(i.argument)]
+        if tools
+    ]
 
     users = [i for i in stage.instructions if i.keyword == "USER"]
     if not users:
@@ -149,8 +170,9 @@ def _check_final(stage: Stage) -> list[str]:
 
 
 def _installed_tools(command: str) -> set[str]:
-    installs = re.findall(r"(?:apt-get|apt|apk|dnf|yum)\s+(?:-\S+\s+)*(?:install|add)\s+([^&;|]+)",
-                          command)
+    installs = re.findall(
+        r"(?:apt-get|apt|apk|dnf|yum)\s+(?:-\S+\s+)*(?:install|add)\s+([^&;|]+)", command
+    )
     packages = {word for part in installs for word in part.split() if not word.startswith("-")}
     return {p for p in packages if p in BUILD_TOOLS or p.endswith("-dev")}
 

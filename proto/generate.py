@@ -1,7 +1,7 @@
 """Regenerate the gRPC stubs from fedq_v1.proto, or check that they are current.
 
-    python -m proto.generate          # rewrite proto/fedq_v1_pb2*.py(i)
-    python -m proto.generate --check  # exit 1 if the committed stubs are stale
+python -m proto.generate          # rewrite proto/fedq_v1_pb2*.py(i)
+python -m proto.generate --check  # exit 1 if the committed stubs are stale
 """
 
 from __future__ import annotations
@@ -22,8 +22,14 @@ def generate(out_dir: Path) -> None:
     """Run protoc (from grpcio-tools) with ``out_dir`` as the output root."""
     from grpc_tools import protoc
 
-    args = ["protoc", f"-I{ROOT}", f"--python_out={out_dir}", f"--pyi_out={out_dir}",
-            f"--grpc_python_out={out_dir}", str(ROOT / SOURCE)]
+    args = [
+        "protoc",
+        f"-I{ROOT}",
+        f"--python_out={out_dir}",
+        f"--pyi_out={out_dir}",
+        f"--grpc_python_out={out_dir}",
+        str(ROOT / SOURCE),
+    ]
     if protoc.main(args) != 0:
         raise SystemExit(f"protoc failed on {SOURCE}")
 
@@ -37,14 +43,17 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         generate(Path(tmp))
         stale = [
-            name for name in OUTPUTS
+            name
+            for name in OUTPUTS
             if not (ROOT / "proto" / name).exists()
             or not filecmp.cmp(Path(tmp) / "proto" / name, ROOT / "proto" / name, shallow=False)
         ]
         if args.check:
             if stale:
-                print(f"stale gRPC stubs: {', '.join(stale)}; run python -m proto.generate",
-                      file=sys.stderr)
+                print(
+                    f"stale gRPC stubs: {', '.join(stale)}; run python -m proto.generate",
+                    file=sys.stderr,
+                )
                 return 1
             print("gRPC stubs are current")
             return 0

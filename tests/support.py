@@ -64,7 +64,10 @@ async def start_stack(
     """Create the federation, join ``clients`` over gRPC and open round 1."""
     initial = initial if initial is not None else small_model()
     settings = settings or CoordinatorSettings(
-        rounds=3, clients_per_round=len(clients), round_timeout_s=60, evaluate=False,
+        rounds=3,
+        clients_per_round=len(clients),
+        round_timeout_s=60,
+        evaluate=False,
         plan=TrainingPlan(round=0, dp_mode="none"),
     )
     store, partials = RoundStore(redis), PartialSumStore(redis)
@@ -73,13 +76,16 @@ async def start_stack(
     await manager.ensure_federation(model_name="test-model", initial=initial)
 
     gateway = GatewayServer(
-        store=store, queue=queue, ledger=ledger,
+        store=store,
+        queue=queue,
+        ledger=ledger,
         settings=replace(gateway_settings or GatewaySettings(), host="127.0.0.1", port=0),
     )
     port = await gateway.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-    stack = Stack(store, partials, manager, gateway, ledger, channel,
-                  pb_grpc.FederationStub(channel), initial)
+    stack = Stack(
+        store, partials, manager, gateway, ledger, channel, pb_grpc.FederationStub(channel), initial
+    )
 
     for client_id in clients:
         reply = await stack.stub.Join(pb.JoinRequest(client_id=client_id, num_examples=examples))
@@ -88,7 +94,9 @@ async def start_stack(
     return stack
 
 
-def update_for(initial: dict[str, np.ndarray], *, seed: int, scale: float = 0.01) -> dict[str, np.ndarray]:
+def update_for(
+    initial: dict[str, np.ndarray], *, seed: int, scale: float = 0.01
+) -> dict[str, np.ndarray]:
     """A random update with the model's float tensors."""
     rng = np.random.default_rng(seed)
     return {
@@ -115,13 +123,19 @@ def upload_chunks(
 ) -> list[pb.UpdateChunk]:
     """The messages of one upload, with knobs to break it."""
     header = pb.UpdateHeader(
-        client_id=client_id, token=token, round=round_id, update_id=update_id,
-        num_examples=num_examples, codec=codec,
+        client_id=client_id,
+        token=token,
+        round=round_id,
+        update_id=update_id,
+        num_examples=num_examples,
+        codec=codec,
         total_size=len(payload) if declared_size is None else declared_size,
     )
     body = payload[: len(payload) - drop_tail] if drop_tail else payload
     parts = [pb.UpdateChunk(header=header)]
-    parts += [pb.UpdateChunk(data=body[i : i + chunk_bytes]) for i in range(0, len(body), chunk_bytes)]
+    parts += [
+        pb.UpdateChunk(data=body[i : i + chunk_bytes]) for i in range(0, len(body), chunk_bytes)
+    ]
     if trailer:
         digest = checksum or hashlib.sha256(payload).hexdigest()
         parts.append(pb.UpdateChunk(trailer=pb.UpdateTrailer(sha256=digest)))
@@ -134,11 +148,22 @@ async def as_stream(items: list[Any]) -> AsyncIterator[Any]:
         yield item
 
 
-async def submit(stack: Stack, client_id: str, update: dict[str, np.ndarray], *,
-                 update_id: str, round_id: int = 1, num_examples: int = 100) -> pb.SubmitReply:
+async def submit(
+    stack: Stack,
+    client_id: str,
+    update: dict[str, np.ndarray],
+    *,
+    update_id: str,
+    round_id: int = 1,
+    num_examples: int = 100,
+) -> pb.SubmitReply:
     """Encode and upload one update through the gateway."""
     chunks = upload_chunks(
-        client_id=client_id, token=stack.tokens[client_id], round_id=round_id,
-        update_id=update_id, payload=encode_tensors(update), num_examples=num_examples,
+        client_id=client_id,
+        token=stack.tokens[client_id],
+        round_id=round_id,
+        update_id=update_id,
+        payload=encode_tensors(update),
+        num_examples=num_examples,
     )
     return await stack.stub.SubmitUpdate(as_stream(chunks))

@@ -10,11 +10,11 @@ import sys
 import time
 
 import numpy as np
-import pytest
 
 from fedq.queue.message import QueuedUpdate
 from fedq.state import PartialSumStore, RoundStore
 from fedq.state.partials import SCALE_BITS, to_fixed_point
+from fedq.tasks import cancel_and_wait
 from fedq.tensors import ModelSpec
 from proto.codec import decode_tensors, encode_tensors
 from tests.conftest import REPO_ROOT
@@ -30,15 +30,17 @@ def _examples(i: int) -> int:
 
 async def _submit_all(stack, updates):
     for i, (client_id, update) in enumerate(updates.items()):
-        await submit(stack, client_id, update, update_id=f"{client_id}-r1",
-                     num_examples=_examples(i))
+        await submit(
+            stack, client_id, update, update_id=f"{client_id}-r1", num_examples=_examples(i)
+        )
 
 
 async def _aggregate_with_workers(stack, redis, queue, *, workers: int) -> dict[str, np.ndarray]:
     settings = WorkerSettings(batch_updates=3, flush_s=0.05)
     tasks = [
-        asyncio.create_task(AggregationWorker(queue=queue, redis=redis, settings=settings,
-                                              name=f"w{i}").run())
+        asyncio.create_task(
+            AggregationWorker(queue=queue, redis=redis, settings=settings, name=f"w{i}").run()
+        )
         for i in range(workers)
     ]
     try:
@@ -50,9 +52,7 @@ async def _aggregate_with_workers(stack, redis, queue, *, workers: int) -> dict[
                 break
             await asyncio.sleep(0.05)
     finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await cancel_and_wait(*tasks)
 
     blob, _ = await stack.store.model(2)
     return decode_tensors(blob, max_bytes=1 << 20)
@@ -74,9 +74,13 @@ def _reset(redis):
 
 
 async def test_aggregated_model_is_the_example_weighted_mean_of_the_updates(redis, queue):
-    updates = {c: update_for({"layer.weight": np.zeros((8, 4), np.float32),
-                              "layer.bias": np.zeros(8, np.float32)}, seed=i)
-               for i, c in enumerate(CLIENTS)}
+    updates = {
+        c: update_for(
+            {"layer.weight": np.zeros((8, 4), np.float32), "layer.bias": np.zeros(8, np.float32)},
+            seed=i,
+        )
+        for i, c in enumerate(CLIENTS)
+    }
 
     initial, model = await _run_round(redis, queue, updates, workers=2)
 
@@ -90,9 +94,14 @@ async def test_aggregated_model_is_the_example_weighted_mean_of_the_updates(redi
 
 
 async def test_one_worker_and_three_workers_give_bit_identical_models(redis, queue):
-    updates = {c: update_for({"layer.weight": np.zeros((8, 4), np.float32),
-                              "layer.bias": np.zeros(8, np.float32)}, seed=100 + i, scale=0.3)
-               for i, c in enumerate(CLIENTS)}
+    updates = {
+        c: update_for(
+            {"layer.weight": np.zeros((8, 4), np.float32), "layer.bias": np.zeros(8, np.float32)},
+            seed=100 + i,
+            scale=0.3,
+        )
+        for i, c in enumerate(CLIENTS)
+    }
 
     _, one = await _run_round(redis, queue, updates, workers=1)
     await _reset(redis)
@@ -110,7 +119,8 @@ def test_fixed_point_sums_do_not_depend_on_order():
     forward = sum(to_fixed_point(u, n) for u, n in updates)
     backward = sum(to_fixed_point(u, n) for u, n in reversed(updates))
     halves = sum(to_fixed_point(u, n) for u, n in updates[::2]) + sum(
-        to_fixed_point(u, n) for u, n in updates[1::2])
+        to_fixed_point(u, n) for u, n in updates[1::2]
+    )
 
     assert np.array_equal(forward, backward) and np.array_equal(forward, halves)
 
@@ -120,21 +130,28 @@ async def test_a_redelivered_update_is_counted_once(redis, queue):
     try:
         update = update_for(stack.initial, seed=1)
         await submit(stack, "a", update, update_id="a-r1", num_examples=10)
-        message = QueuedUpdate(update_id="a-r1", round=1, client_id="a", num_examples=10,
-                               codec="blosc2", payload=encode_tensors(update), accepted_at=0.0)
+        message = QueuedUpdate(
+            update_id="a-r1",
+            round=1,
+            client_id="a",
+            num_examples=10,
+            codec="blosc2",
+            payload=encode_tensors(update),
+            accepted_at=0.0,
+        )
         await queue.publish(message.encode(), message_id="a-r1", headers={})
         await queue.publish(message.encode(), message_id="a-r1", headers={})
 
-        worker = AggregationWorker(queue=queue, redis=redis,
-                                   settings=WorkerSettings(batch_updates=1, flush_s=0.05))
+        worker = AggregationWorker(
+            queue=queue, redis=redis, settings=WorkerSettings(batch_updates=1, flush_s=0.05)
+        )
         task = asyncio.create_task(worker.run())
         for _ in range(100):
             if (await queue.stats()).ready == 0 and worker.committed_updates >= 1:
                 break
             await asyncio.sleep(0.05)
         await asyncio.sleep(0.3)
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+        await cancel_and_wait(task)
 
         spec = (await stack.store.federation()).spec
         total = await PartialSumStore(redis).round_sum(1, size=spec.update_size)
@@ -149,13 +166,16 @@ async def test_a_commit_refuses_update_ids_already_counted(redis):
     await redis.hset("fedq:round:{1}", mapping={"status": "open"})
     vector = np.arange(4, dtype=np.int64)
 
-    first = await partials.commit(1, owner="w1", total=vector, examples=3, count=1,
-                                  update_ids=["u1"])
-    second = await partials.commit(1, owner="w2", total=vector, examples=3, count=1,
-                                   update_ids=["u1"])
+    first = await partials.commit(
+        1, owner="w1", total=vector, examples=3, count=1, update_ids=["u1"]
+    )
+    second = await partials.commit(
+        1, owner="w2", total=vector, examples=3, count=1, update_ids=["u1"]
+    )
     await redis.hset("fedq:round:{1}", "status", "finalized")
-    late = await partials.commit(1, owner="w3", total=vector, examples=1, count=1,
-                                 update_ids=["u9"])
+    late = await partials.commit(
+        1, owner="w3", total=vector, examples=1, count=1, update_ids=["u9"]
+    )
 
     assert first.status == "ok"
     assert second.status == "duplicate" and second.duplicates == ["u1"]
@@ -165,11 +185,21 @@ async def test_a_commit_refuses_update_ids_already_counted(redis):
 
 
 def _start_worker(redis_url: str, amqp_url: str) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "FEDQ_REDIS_URL": redis_url, "FEDQ_AMQP_URL": amqp_url,
-           "FEDQ_WORKER_BATCH_UPDATES": "2", "FEDQ_WORKER_FLUSH_S": "0.05",
-           "PYTHONPATH": str(REPO_ROOT)}
-    return subprocess.Popen([sys.executable, "-m", "fedq.cli", "worker"], env=env, cwd=REPO_ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {
+        **os.environ,
+        "FEDQ_REDIS_URL": redis_url,
+        "FEDQ_AMQP_URL": amqp_url,
+        "FEDQ_WORKER_BATCH_UPDATES": "2",
+        "FEDQ_WORKER_FLUSH_S": "0.05",
+        "PYTHONPATH": str(REPO_ROOT),
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "fedq.cli", "worker"],
+        env=env,
+        cwd=REPO_ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
 
 async def test_sigkill_of_a_worker_mid_round_loses_nothing_and_counts_nothing_twice(
@@ -207,8 +237,9 @@ async def test_sigkill_of_a_worker_mid_round_loses_nothing_and_counts_nothing_tw
 
     spec = ModelSpec.from_arrays(initial)
     total = await stack.partials.round_sum(1, size=spec.update_size)
-    expected = sum(to_fixed_point(spec.flatten_update(u), _examples(i))
-                   for i, u in enumerate(updates.values()))
+    expected = sum(
+        to_fixed_point(spec.flatten_update(u), _examples(i)) for i, u in enumerate(updates.values())
+    )
     assert total.count == len(clients)
     assert total.examples == sum(_examples(i) for i in range(len(clients)))
     assert np.array_equal(total.total, expected)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import io
 import json
 import os
@@ -87,10 +88,12 @@ def make_app(seeded: Seeded) -> Callable[..., Quart]:
     """Build the app over the seeded state with settings changed as asked."""
 
     def build(**changes: object) -> Quart:
-        settings = CoordinatorSettings(**{"rounds": 5, "delta": DELTA, "plan": PLAN,
-                                          "admin_token": ADMIN_TOKEN, **changes})
-        return create_app(store=seeded.store, ledger=seeded.ledger, queue=seeded.queue,
-                          settings=settings)
+        settings = CoordinatorSettings(
+            **{"rounds": 5, "delta": DELTA, "plan": PLAN, "admin_token": ADMIN_TOKEN, **changes}
+        )
+        return create_app(
+            store=seeded.store, ledger=seeded.ledger, queue=seeded.queue, settings=settings
+        )
 
     return build
 
@@ -102,14 +105,16 @@ def client(make_app: Callable[..., Quart]):
 
 async def seed_federation(state: Seeded) -> None:
     """Write the federation, its models, rounds, clients and ε charges."""
-    arrays = model_arrays(build_model("mnist_cnn", seed=0))
-    record = FederationRecord(model_name="mnist_cnn", dataset="mnist",
-                              spec=ModelSpec.from_arrays(arrays), total_rounds=5)
+    arrays = _initial_arrays()
+    record = FederationRecord(
+        model_name="mnist_cnn", dataset="mnist", spec=ModelSpec.from_arrays(arrays), total_rounds=5
+    )
     await state.store.init_federation(record, initial_model=encode_tensors(arrays))
     state.models[1] = arrays
     for round_id in (2, 3):
-        shifted = {name: a + np.asarray(0.01 * round_id, dtype=a.dtype)
-                   for name, a in arrays.items()}
+        shifted = {
+            name: a + np.asarray(0.01 * round_id, dtype=a.dtype) for name, a in arrays.items()
+        }
         await state.store.put_model(round_id, encode_tensors(shifted))
         state.models[round_id] = shifted
 
@@ -118,18 +123,27 @@ async def seed_federation(state: Seeded) -> None:
         await state.store.register_client(client_id, num_examples=600, capabilities={})
     metrics = {1: (0.81, 0.62), 2: (0.87, 0.41), 3: (None, None)}
     for round_id, (accuracy, loss) in metrics.items():
-        await state.store.put_round(RoundRecord(
-            round=round_id, status="finalized" if accuracy else "open", opened_at=now - 60,
-            deadline=now + 240, target=3, quorum=2, participants=list(CLIENTS),
-            model_digest=await state.store.model_digest(round_id) or "",
-            accuracy=accuracy, loss=loss,
-        ))
+        await state.store.put_round(
+            RoundRecord(
+                round=round_id,
+                status="finalized" if accuracy else "open",
+                opened_at=now - 60,
+                deadline=now + 240,
+                target=3,
+                quorum=2,
+                participants=list(CLIENTS),
+                model_digest=await state.store.model_digest(round_id) or "",
+                accuracy=accuracy,
+                loss=loss,
+            )
+        )
     await state.store.set_progress(current_round=3, status="running")
 
     for round_id, done in ((1, 3), (2, 3), (3, 1)):
         for i in range(done):
-            await state.store.record_accepted(round_id, client_id=CLIENTS[i],
-                                              update_id=f"u-{round_id}-{i}")
+            await state.store.record_accepted(
+                round_id, client_id=CLIENTS[i], update_id=f"u-{round_id}-{i}"
+            )
         await state.store.update_round(round_id, aggregated=done if round_id < 3 else 0)
     for client_id, rounds in (("client-a", (1, 2, 3)), ("client-b", (1, 2))):
         for round_id in rounds:
@@ -222,8 +236,7 @@ async def test_a_round_that_is_not_a_positive_integer_is_400(client, raw: str) -
 # -- model ------------------------------------------------------------------------------
 
 
-async def test_model_metadata_names_the_latest_round_and_its_digest(client,
-                                                                    seeded: Seeded) -> None:
+async def test_model_metadata_names_the_latest_round_and_its_digest(client, seeded: Seeded) -> None:
     response = await client.get("/v1/model")
 
     body = await response.get_json()
@@ -273,8 +286,7 @@ async def test_model_download_in_an_unknown_format_is_400(client) -> None:
 # -- clients and budgets ----------------------------------------------------------------
 
 
-async def test_clients_are_listed_with_epsilon_spent_and_budget(client,
-                                                                seeded: Seeded) -> None:
+async def test_clients_are_listed_with_epsilon_spent_and_budget(client, seeded: Seeded) -> None:
     response = await client.get("/v1/clients")
 
     rows = {row["client_id"]: row for row in (await response.get_json())["clients"]}
@@ -311,8 +323,9 @@ async def test_budget_change_without_a_token_is_401(client) -> None:
 
 
 async def test_budget_change_with_a_wrong_token_is_403(client) -> None:
-    response = await client.put("/v1/clients/client-a/budget", json={"epsilon": 20.0},
-                                headers=_auth("not-the-token"))
+    response = await client.put(
+        "/v1/clients/client-a/budget", json={"epsilon": 20.0}, headers=_auth("not-the-token")
+    )
 
     assert response.status_code == 403
     assert "does not match" in (await response.get_json())["error"]
@@ -321,20 +334,20 @@ async def test_budget_change_with_a_wrong_token_is_403(client) -> None:
 async def test_budget_endpoints_are_disabled_without_an_admin_token(make_app) -> None:
     client = make_app(admin_token="").test_client()
 
-    put = await client.put("/v1/clients/client-a/budget", json={"epsilon": 20.0},
-                           headers=_auth("anything"))
+    put = await client.put(
+        "/v1/clients/client-a/budget", json={"epsilon": 20.0}, headers=_auth("anything")
+    )
     delete = await client.delete("/v1/clients/client-a/budget")
 
     for response in (put, delete):
         assert response.status_code == 403
-        assert (await response.get_json())["error"] == (
-            "admin API disabled: set FEDQ_ADMIN_TOKEN"
-        )
+        assert (await response.get_json())["error"] == ("admin API disabled: set FEDQ_ADMIN_TOKEN")
 
 
 async def test_budget_set_by_admin_shows_in_privacy_and_delete_restores_default(client) -> None:
-    put = await client.put("/v1/clients/client-a/budget", json={"epsilon": 25.5},
-                           headers=_auth(ADMIN_TOKEN))
+    put = await client.put(
+        "/v1/clients/client-a/budget", json={"epsilon": 25.5}, headers=_auth(ADMIN_TOKEN)
+    )
 
     assert put.status_code == 200
     privacy = await (await client.get("/v1/clients/client-a/privacy")).get_json()
@@ -347,26 +360,32 @@ async def test_budget_set_by_admin_shows_in_privacy_and_delete_restores_default(
     assert (await delete.get_json())["epsilon_budget"] == 10.0
 
 
-@pytest.mark.parametrize("body, message", [
-    ("{not json", "body must be JSON"),
-    ('{"eps": 3}', '"epsilon"'),
-    ('{"epsilon": "3"}', "epsilon must be a number"),
-    ('{"epsilon": 0}', "epsilon must be a finite number > 0"),
-    ('{"epsilon": -2.5}', "epsilon must be a finite number > 0"),
-    ('{"epsilon": NaN}', "epsilon must be a finite number > 0"),
-])
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ("{not json", "body must be JSON"),
+        ('{"eps": 3}', '"epsilon"'),
+        ('{"epsilon": "3"}', "epsilon must be a number"),
+        ('{"epsilon": 0}', "epsilon must be a finite number > 0"),
+        ('{"epsilon": -2.5}', "epsilon must be a finite number > 0"),
+        ('{"epsilon": NaN}', "epsilon must be a finite number > 0"),
+    ],
+)
 async def test_a_malformed_budget_is_400_with_a_message(client, body: str, message: str) -> None:
-    response = await client.put("/v1/clients/client-a/budget", data=body,
-                                headers={**_auth(ADMIN_TOKEN),
-                                         "Content-Type": "application/json"})
+    response = await client.put(
+        "/v1/clients/client-a/budget",
+        data=body,
+        headers={**_auth(ADMIN_TOKEN), "Content-Type": "application/json"},
+    )
 
     assert response.status_code == 400
     assert message in (await response.get_json())["error"]
 
 
 async def test_budget_of_an_unknown_client_is_404(client) -> None:
-    response = await client.put("/v1/clients/nobody/budget", json={"epsilon": 5.0},
-                                headers=_auth(ADMIN_TOKEN))
+    response = await client.put(
+        "/v1/clients/nobody/budget", json={"epsilon": 5.0}, headers=_auth(ADMIN_TOKEN)
+    )
 
     assert response.status_code == 404
 
@@ -375,29 +394,45 @@ async def test_budget_of_an_unknown_client_is_404(client) -> None:
 
 
 async def test_tradeoff_table_equals_the_accountant(client) -> None:
-    response = await client.get("/v1/privacy/tradeoff?noise=0.8,1.0,1.5&sample_rate=0.01"
-                                "&local_steps=50&rounds=10&delta=1e-5&accountant=rdp")
+    response = await client.get(
+        "/v1/privacy/tradeoff?noise=0.8,1.0,1.5&sample_rate=0.01"
+        "&local_steps=50&rounds=10&delta=1e-5&accountant=rdp"
+    )
 
     assert response.status_code == 200
-    expected = tradeoff_table([0.8, 1.0, 1.5], sample_rate=0.01, local_steps=50, rounds=10,
-                              delta=1e-5, accountant="rdp")
+    expected = tradeoff_table(
+        [0.8, 1.0, 1.5], sample_rate=0.01, local_steps=50, rounds=10, delta=1e-5, accountant="rdp"
+    )
     assert (await response.get_json())["table"] == expected
 
 
 async def test_tradeoff_defaults_to_the_configured_plan(client) -> None:
     response = await client.get("/v1/privacy/tradeoff")
 
-    expected = tradeoff_table([PLAN.noise_multiplier], sample_rate=PLAN.sample_rate,
-                              local_steps=PLAN.local_steps, rounds=5, delta=DELTA)
+    expected = tradeoff_table(
+        [PLAN.noise_multiplier],
+        sample_rate=PLAN.sample_rate,
+        local_steps=PLAN.local_steps,
+        rounds=5,
+        delta=DELTA,
+    )
     assert (await response.get_json())["table"] == expected
 
 
-@pytest.mark.parametrize("query, name", [
-    ("noise=0.8,abc", "noise"), ("noise=0", "noise"), ("sample_rate=1.5", "sample_rate"),
-    ("local_steps=x", "local_steps"), ("delta=1", "delta"), ("accountant=foo", "accountant"),
-])
-async def test_a_malformed_tradeoff_parameter_is_400_naming_it(client, query: str,
-                                                               name: str) -> None:
+@pytest.mark.parametrize(
+    "query, name",
+    [
+        ("noise=0.8,abc", "noise"),
+        ("noise=0", "noise"),
+        ("sample_rate=1.5", "sample_rate"),
+        ("local_steps=x", "local_steps"),
+        ("delta=1", "delta"),
+        ("accountant=foo", "accountant"),
+    ],
+)
+async def test_a_malformed_tradeoff_parameter_is_400_naming_it(
+    client, query: str, name: str
+) -> None:
     response = await client.get(f"/v1/privacy/tradeoff?{query}")
 
     assert response.status_code == 400
@@ -411,7 +446,10 @@ async def test_queue_reports_depth_consumers_backlog_and_dead_letters(client) ->
     response = await client.get("/v1/queue")
 
     assert await response.get_json() == {
-        "ready": 3, "consumers": 2, "backlog_per_worker": 1.5, "dead": 1,
+        "ready": 3,
+        "consumers": 2,
+        "backlog_per_worker": 1.5,
+        "dead": 1,
     }
 
 
@@ -436,8 +474,12 @@ async def test_health_and_readiness_pass_with_redis_and_queue_up(client) -> None
 
 
 async def test_readiness_is_503_naming_the_failed_queue(seeded: Seeded) -> None:
-    app = create_app(store=seeded.store, ledger=seeded.ledger, queue=_BrokenQueue(),
-                     settings=CoordinatorSettings())
+    app = create_app(
+        store=seeded.store,
+        ledger=seeded.ledger,
+        queue=_BrokenQueue(),
+        settings=CoordinatorSettings(),
+    )
 
     response = await app.test_client().get("/readyz")
 
@@ -448,8 +490,12 @@ async def test_readiness_is_503_naming_the_failed_queue(seeded: Seeded) -> None:
 
 
 async def test_queue_endpoint_is_503_when_the_broker_fails(seeded: Seeded) -> None:
-    app = create_app(store=seeded.store, ledger=seeded.ledger, queue=_BrokenQueue(),
-                     settings=CoordinatorSettings())
+    app = create_app(
+        store=seeded.store,
+        ledger=seeded.ledger,
+        queue=_BrokenQueue(),
+        settings=CoordinatorSettings(),
+    )
 
     response = await app.test_client().get("/v1/queue")
 
@@ -476,8 +522,14 @@ async def test_an_unknown_endpoint_answers_json_404(client) -> None:
 
 
 async def test_server_on_port_zero_serves_on_the_port_it_reports(seeded: Seeded) -> None:
-    server = ApiServer(host="127.0.0.1", port=0, store=seeded.store, ledger=seeded.ledger,
-                       queue=seeded.queue, settings=CoordinatorSettings())
+    server = ApiServer(
+        host="127.0.0.1",
+        port=0,
+        store=seeded.store,
+        ledger=seeded.ledger,
+        queue=seeded.queue,
+        settings=CoordinatorSettings(),
+    )
 
     port = await server.start()
     body = await asyncio.to_thread(_get_json, f"http://127.0.0.1:{port}/v1/federation")
@@ -489,6 +541,11 @@ async def test_server_on_port_zero_serves_on_the_port_it_reports(seeded: Seeded)
 
 
 # -- helpers ----------------------------------------------------------------------------
+
+
+@functools.cache
+def _initial_arrays() -> dict[str, np.ndarray]:
+    return model_arrays(build_model("mnist_cnn", seed=0))
 
 
 class _BrokenQueue(MemoryQueue):
@@ -505,8 +562,9 @@ def _get_json(url: str) -> dict:
         return json.loads(response.read())
 
 
-def _assert_same_arrays(state: dict[str, torch.Tensor], arrays: dict[str, np.ndarray], *,
-                        ordered: bool = True) -> None:
+def _assert_same_arrays(
+    state: dict[str, torch.Tensor], arrays: dict[str, np.ndarray], *, ordered: bool = True
+) -> None:
     # safetensors stores tensors by size and dtype, so only a torch state dict keeps order.
     assert list(state) == list(arrays) if ordered else sorted(state) == sorted(arrays)
     for name, array in arrays.items():

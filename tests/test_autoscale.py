@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import boto3
@@ -31,8 +31,12 @@ FEDERATION = "mnist-test"
 @pytest.fixture
 def aws(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     """A CloudWatch client on moto, with fake credentials so nothing real is touched."""
-    for name, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
-                        ("AWS_SESSION_TOKEN", "testing"), ("AWS_DEFAULT_REGION", REGION)):
+    for name, value in (
+        ("AWS_ACCESS_KEY_ID", "testing"),
+        ("AWS_SECRET_ACCESS_KEY", "testing"),
+        ("AWS_SESSION_TOKEN", "testing"),
+        ("AWS_DEFAULT_REGION", REGION),
+    ):
         monkeypatch.setenv(name, value)
     with mock_aws():
         yield boto3.client("cloudwatch", region_name=REGION)
@@ -40,8 +44,9 @@ def aws(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
 
 @pytest.fixture
 def settings() -> AutoscaleSettings:
-    return AutoscaleSettings(namespace=NAMESPACE, interval_s=60, federation=FEDERATION,
-                             region=REGION)
+    return AutoscaleSettings(
+        namespace=NAMESPACE, interval_s=60, federation=FEDERATION, region=REGION
+    )
 
 
 class _Queue:
@@ -75,12 +80,15 @@ class _FailingOnceClient:
 
 
 def _average(cloudwatch: Any, metric: str) -> float:
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     answer = cloudwatch.get_metric_statistics(
-        Namespace=NAMESPACE, MetricName=metric,
+        Namespace=NAMESPACE,
+        MetricName=metric,
         Dimensions=[{"Name": "Federation", "Value": FEDERATION}],
-        StartTime=now - timedelta(minutes=5), EndTime=now + timedelta(minutes=5),
-        Period=60, Statistics=["Average"],
+        StartTime=now - timedelta(minutes=5),
+        EndTime=now + timedelta(minutes=5),
+        Period=60,
+        Statistics=["Average"],
     )
     points = answer["Datapoints"]
     assert points, f"no datapoints for {metric}"
@@ -97,21 +105,29 @@ async def _wait_until(condition: Any, *, timeout_s: float = 5.0) -> None:
 def test_settings_are_off_by_default_and_read_from_the_environment() -> None:
     assert not AutoscaleSettings.from_env({}).enabled
 
-    settings = AutoscaleSettings.from_env({
-        "FEDQ_CLOUDWATCH_NAMESPACE": "fedq", "FEDQ_CLOUDWATCH_INTERVAL_S": "30",
-        "FEDQ_FEDERATION_NAME": "prod", "AWS_REGION": "us-east-2",
-    })
+    settings = AutoscaleSettings.from_env(
+        {
+            "FEDQ_CLOUDWATCH_NAMESPACE": "fedq",
+            "FEDQ_CLOUDWATCH_INTERVAL_S": "30",
+            "FEDQ_FEDERATION_NAME": "prod",
+            "AWS_REGION": "us-east-2",
+        }
+    )
 
-    assert settings == AutoscaleSettings(namespace="fedq", interval_s=30.0, federation="prod",
-                                         region="us-east-2")
+    assert settings == AutoscaleSettings(
+        namespace="fedq", interval_s=30.0, federation="prod", region="us-east-2"
+    )
     assert settings.enabled
 
 
-@pytest.mark.parametrize("environ", [
-    {"FEDQ_CLOUDWATCH_NAMESPACE": "AWS/SQS"},
-    {"FEDQ_CLOUDWATCH_INTERVAL_S": "0.5"},
-    {"FEDQ_FEDERATION_NAME": " "},
-])
+@pytest.mark.parametrize(
+    "environ",
+    [
+        {"FEDQ_CLOUDWATCH_NAMESPACE": "AWS/SQS"},
+        {"FEDQ_CLOUDWATCH_INTERVAL_S": "0.5"},
+        {"FEDQ_FEDERATION_NAME": " "},
+    ],
+)
 def test_unusable_settings_stop_the_service_at_start(environ: dict[str, str]) -> None:
     with pytest.raises(SettingsError):
         AutoscaleSettings.from_env(environ)

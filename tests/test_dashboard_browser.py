@@ -7,14 +7,15 @@ import json
 import os
 import shutil
 import urllib.request
+from collections.abc import AsyncIterator
 from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
+from test_api import CLIENTS, Seeded, redis, seeded  # noqa: F401  (fixtures used below)
 
 from coordinator.api import ApiServer
 from coordinator.settings import CoordinatorSettings
-from test_api import CLIENTS, Seeded, redis, seeded  # noqa: F401  (fixtures used below)
 
 SCREENSHOT = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "dashboard.png"
 CHROMIUM_TIMEOUT_S = 90.0
@@ -35,9 +36,15 @@ def chromium() -> str:
 
 
 @pytest.fixture
-async def server(seeded: Seeded) -> ApiServer:  # noqa: F811
-    api = ApiServer(host="127.0.0.1", port=0, store=seeded.store, ledger=seeded.ledger,
-                    queue=seeded.queue, settings=CoordinatorSettings())
+async def server(seeded: Seeded) -> AsyncIterator[ApiServer]:  # noqa: F811
+    api = ApiServer(
+        host="127.0.0.1",
+        port=0,
+        store=seeded.store,
+        ledger=seeded.ledger,
+        queue=seeded.queue,
+        settings=CoordinatorSettings(),
+    )
     await api.start()
     yield api
     await api.stop()
@@ -46,8 +53,9 @@ async def server(seeded: Seeded) -> ApiServer:  # noqa: F811
 async def test_dashboard_shows_the_round_accuracy_and_queue_the_api_reports(
     chromium: str, server: ApiServer, tmp_path: Path
 ) -> None:
-    dom = await _run_chromium(chromium, f"{server.url}/", profile=tmp_path / "profile",
-                              extra=["--dump-dom"])
+    dom = await _run_chromium(
+        chromium, f"{server.url}/", profile=tmp_path / "profile", extra=["--dump-dom"]
+    )
 
     page = _DomIndex.parse(dom)
     federation = await _api(server, "/v1/federation")
@@ -65,12 +73,17 @@ async def test_dashboard_shows_the_round_accuracy_and_queue_the_api_reports(
     assert sorted(page.clients) == list(CLIENTS)
 
 
-async def test_dashboard_screenshot_is_saved(chromium: str, server: ApiServer,
-                                            tmp_path: Path) -> None:
+async def test_dashboard_screenshot_is_saved(
+    chromium: str, server: ApiServer, tmp_path: Path
+) -> None:
     shot = tmp_path / "dashboard.png"
 
-    await _run_chromium(chromium, f"{server.url}/", profile=tmp_path / "profile",
-                        extra=[f"--screenshot={shot}", "--window-size=1280,900"])
+    await _run_chromium(
+        chromium,
+        f"{server.url}/",
+        profile=tmp_path / "profile",
+        extra=[f"--screenshot={shot}", "--window-size=1280,900"],
+    )
 
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
@@ -80,10 +93,20 @@ async def test_dashboard_screenshot_is_saved(chromium: str, server: ApiServer,
 async def _run_chromium(binary: str, url: str, *, profile: Path, extra: list[str]) -> str:
     """Run headless Chromium on ``url`` while this loop keeps serving; returns its stdout."""
     args = [
-        "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync",
-        "--disable-dev-shm-usage", "--hide-scrollbars", f"--user-data-dir={profile}",
-        f"--virtual-time-budget={VIRTUAL_TIME_MS}", *extra, url,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        "--hide-scrollbars",
+        f"--user-data-dir={profile}",
+        f"--virtual-time-budget={VIRTUAL_TIME_MS}",
+        *extra,
+        url,
     ]
     process = await asyncio.create_subprocess_exec(
         binary, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE

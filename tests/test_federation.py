@@ -13,14 +13,20 @@ async def test_ten_clients_reach_90_percent_on_mnist_in_three_rounds(
     redis, queue, data_root, redis_url, amqp_url
 ):
     settings = CoordinatorSettings(
-        dataset="mnist", data_dir=str(data_root), rounds=3, clients_per_round=10,
-        round_timeout_s=300, plan=TrainingPlan(round=0, dp_mode="none", batch_size=64,
-                                               local_steps=50, learning_rate=0.5),
+        dataset="mnist",
+        data_dir=str(data_root),
+        rounds=3,
+        clients_per_round=10,
+        round_timeout_s=300,
+        plan=TrainingPlan(
+            round=0, dp_mode="none", batch_size=64, local_steps=50, learning_rate=0.5
+        ),
     )
     progress = io.StringIO()
 
     summary = await run_federation(
-        settings, ServiceUrls(amqp_url=amqp_url, redis_url=redis_url),
+        settings,
+        ServiceUrls(amqp_url=amqp_url, redis_url=redis_url),
         FederationOptions(clients=10, workers=2, progress=progress),
     )
 

@@ -66,8 +66,13 @@ BAD_TENSORS = {
 async def test_updates_that_do_not_fit_the_model_are_invalid_argument(stack, queue, case):
     make, expected = BAD_TENSORS[case]
     payload = encode_tensors(make(update_for(stack.initial, seed=2)))
-    chunks = upload_chunks(client_id="bob", token=stack.tokens["bob"], round_id=1,
-                           update_id=f"bad-{case.replace(' ', '-')}", payload=payload)
+    chunks = upload_chunks(
+        client_id="bob",
+        token=stack.tokens["bob"],
+        round_id=1,
+        update_id=f"bad-{case.replace(' ', '-')}",
+        payload=payload,
+    )
 
     error = await _refused(stack, chunks)
 
@@ -78,8 +83,14 @@ async def test_updates_that_do_not_fit_the_model_are_invalid_argument(stack, que
 
 async def _good_chunks(stack, client="bob", **knobs):
     payload = encode_tensors(update_for(stack.initial, seed=3))
-    return upload_chunks(client_id=client, token=stack.tokens.get(client, "x"), round_id=1,
-                         update_id=f"{client}-r1", payload=payload, **knobs)
+    return upload_chunks(
+        client_id=client,
+        token=stack.tokens.get(client, "x"),
+        round_id=1,
+        update_id=f"{client}-r1",
+        payload=payload,
+        **knobs,
+    )
 
 
 @pytest.mark.parametrize(
@@ -105,8 +116,13 @@ async def test_broken_streams_get_a_clear_status(stack, queue, knobs, code, expe
 
 
 async def test_a_payload_that_is_not_a_codec_envelope_is_refused(stack):
-    chunks = upload_chunks(client_id="bob", token=stack.tokens["bob"], round_id=1,
-                           update_id="junk", payload=b"\x93not msgpack at all")
+    chunks = upload_chunks(
+        client_id="bob",
+        token=stack.tokens["bob"],
+        round_id=1,
+        update_id="junk",
+        payload=b"\x93not msgpack at all",
+    )
 
     error = await _refused(stack, chunks)
 
@@ -134,8 +150,12 @@ async def test_uploads_to_a_closed_or_unknown_round_fail_precondition(stack):
     await stack.store.update_round(1, status="closing")
     closed = await _refused(stack, await _good_chunks(stack))
     payload = encode_tensors(update_for(stack.initial, seed=4))
-    unknown = await _refused(stack, upload_chunks(
-        client_id="bob", token=stack.tokens["bob"], round_id=7, update_id="b7", payload=payload))
+    unknown = await _refused(
+        stack,
+        upload_chunks(
+            client_id="bob", token=stack.tokens["bob"], round_id=7, update_id="b7", payload=payload
+        ),
+    )
 
     assert closed.code() == unknown.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "no longer takes updates" in closed.details()
@@ -165,8 +185,9 @@ async def test_the_gateway_keeps_serving_after_bad_uploads(stack, queue):
 
 async def test_fetch_model_resumes_from_an_offset(stack):
     blob, digest = await stack.store.model(1)
-    request = pb.FetchModelRequest(client_id="alice", token=stack.tokens["alice"], round=1,
-                                   offset=10)
+    request = pb.FetchModelRequest(
+        client_id="alice", token=stack.tokens["alice"], round=1, offset=10
+    )
 
     chunks = [c async for c in stack.stub.FetchModel(request)]
 
@@ -176,8 +197,9 @@ async def test_fetch_model_resumes_from_an_offset(stack):
 
 async def test_fetch_model_refuses_a_bad_token_and_an_offset_past_the_end(stack):
     bad_token = pb.FetchModelRequest(client_id="alice", token="nope", round=1)
-    past_end = pb.FetchModelRequest(client_id="alice", token=stack.tokens["alice"], round=1,
-                                    offset=1 << 30)
+    past_end = pb.FetchModelRequest(
+        client_id="alice", token=stack.tokens["alice"], round=1, offset=1 << 30
+    )
 
     with pytest.raises(grpc.aio.AioRpcError) as auth:
         [c async for c in stack.stub.FetchModel(bad_token)]
@@ -189,9 +211,11 @@ async def test_fetch_model_refuses_a_bad_token_and_an_offset_past_the_end(stack)
 
 
 async def test_join_refuses_bad_ids_and_sizes(stack):
-    for request in (pb.JoinRequest(client_id="bad id!", num_examples=5),
-                    pb.JoinRequest(client_id="ok", num_examples=0),
-                    pb.JoinRequest(client_id="ok", num_examples=5, protocol="fedq.v9")):
+    for request in (
+        pb.JoinRequest(client_id="bad id!", num_examples=5),
+        pb.JoinRequest(client_id="ok", num_examples=0),
+        pb.JoinRequest(client_id="ok", num_examples=5, protocol="fedq.v9"),
+    ):
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await stack.stub.Join(request)
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -9,10 +9,11 @@ import numpy as np
 
 from clients.client import FederatedClient
 from clients.connection import GatewayLink, RetryPolicy
+from fedq.tasks import cancel_and_wait
 from proto import fedq_v1_pb2 as pb
 from proto.codec import decode_tensors, encode_tensors
-from workers import AggregationWorker, WorkerSettings
 from tests.support import start_stack
+from workers import AggregationWorker, WorkerSettings
 
 PARAMETERS = 20_000_000
 
@@ -22,14 +23,16 @@ async def test_a_20m_parameter_model_is_fetched_submitted_and_aggregated(redis, 
     initial = {"big.weight": rng.standard_normal(PARAMETERS, dtype=np.float32)}
     stack = await start_stack(redis, queue, clients=["big"], initial=initial)
     link = GatewayLink([f"127.0.0.1:{stack.gateway.port}"], policy=RetryPolicy())
-    client = FederatedClient(client_id="big", link=link, num_examples=100, trainer=None,
-                             token=stack.tokens["big"])
+    client = FederatedClient(
+        client_id="big", link=link, num_examples=100, trainer=None, token=stack.tokens["big"]
+    )
     try:
         blob = await client.fetch_model(1)
         fetched = decode_tensors(blob, max_bytes=PARAMETERS * 4)
         update = {"big.weight": np.full(PARAMETERS, 0.5, dtype=np.float32)}
-        reply = await client.submit(1, update_id="big-r1", payload=encode_tensors(update),
-                                    num_examples=100)
+        reply = await client.submit(
+            1, update_id="big-r1", payload=encode_tensors(update), num_examples=100
+        )
 
         worker = AggregationWorker(queue=queue, redis=redis, settings=WorkerSettings())
         task = asyncio.create_task(worker.run())
@@ -37,8 +40,7 @@ async def test_a_20m_parameter_model_is_fetched_submitted_and_aggregated(redis, 
             if await stack.partials.applied_ids(1):
                 break
             await asyncio.sleep(0.05)
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+        await cancel_and_wait(task)
     finally:
         await link.close()
         await stack.close()

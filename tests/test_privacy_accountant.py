@@ -29,8 +29,9 @@ def _mixed_charges() -> list[Charge]:
 def _drive(accountant, charges: list[Charge]) -> None:
     for charge in charges:
         for _ in range(charge.steps):
-            accountant.step(noise_multiplier=charge.noise_multiplier,
-                            sample_rate=charge.sample_rate)
+            accountant.step(
+                noise_multiplier=charge.noise_multiplier, sample_rate=charge.sample_rate
+            )
 
 
 def test_sample_plan_charges_every_local_step_at_its_sample_rate():
@@ -109,8 +110,9 @@ def test_delta_outside_the_open_unit_interval_is_refused(delta):
 )
 def test_epsilon_grows_with_rounds_and_shrinks_with_noise(noise, sample_rate, steps, rounds):
     def eps(noise_multiplier: float, n_rounds: int) -> float:
-        charges = [Charge(r, "sample", noise_multiplier, sample_rate, steps)
-                   for r in range(n_rounds)]
+        charges = [
+            Charge(r, "sample", noise_multiplier, sample_rate, steps) for r in range(n_rounds)
+        ]
         return epsilon(charges, delta=DELTA)
 
     base = eps(noise, rounds)

@@ -85,8 +85,13 @@ def make_ledger(backend):
     """Build a ledger on a fresh client, as a restarted coordinator would."""
 
     def make(*, default_budget: float = 10.0, **kwargs) -> PrivacyLedger:
-        return PrivacyLedger(backend.client(), delta=DELTA, default_budget=default_budget,
-                             prefix=backend.prefix, **kwargs)
+        return PrivacyLedger(
+            backend.client(),
+            delta=DELTA,
+            default_budget=default_budget,
+            prefix=backend.prefix,
+            **kwargs,
+        )
 
     return make
 

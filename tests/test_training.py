@@ -82,6 +82,25 @@ def test_client_mode_adds_noise_with_the_configured_std(small_data, global_array
     assert abs(residual.mean()) < 0.01
 
 
+def test_client_mode_with_secure_rng_draws_fresh_noise_of_the_configured_std(
+    small_data, global_arrays
+):
+    plan = TrainingPlan(
+        round=1,
+        dp_mode="client",
+        noise_multiplier=1.0,
+        clip_norm=0.3,
+        local_steps=2,
+        secure_rng=True,
+    )
+
+    first = _flat(train_locally(MODEL, global_arrays, small_data, plan).delta)
+    second = _flat(train_locally(MODEL, global_arrays, small_data, plan).delta)
+
+    # Same training, different noise: the difference of two draws has std sqrt(2) * 0.3.
+    assert (first - second).std() == pytest.approx(np.sqrt(2) * 0.3, rel=0.05)
+
+
 def test_sample_mode_is_reproducible_for_a_seed_and_changes_with_it(small_data, global_arrays):
     plan = TrainingPlan(round=1, dp_mode="sample", local_steps=4, sample_rate=0.125, seed=11)
 

@@ -26,6 +26,7 @@ from fedq.queue import Delivery, UpdateQueue
 from fedq.queue.message import MessageError, QueuedUpdate
 from fedq.state import PartialSumStore, RoundStore
 from fedq.state.partials import to_fixed_point
+from fedq.tasks import cancel_and_wait
 from fedq.tensors import ModelSpec
 from proto.codec import CodecError, decode_tensors, validate_update
 from workers.settings import WorkerSettings
@@ -86,10 +87,10 @@ class AggregationWorker:
             async for delivery in self._queue.consume(prefetch=self._settings.prefetch):
                 await self._on_delivery(delivery)
         finally:
-            flusher.cancel()
-            await asyncio.gather(flusher, return_exceptions=True)
-            log.info("worker %s left after committing %d updates", self.worker_id,
-                     self.committed_updates)
+            await cancel_and_wait(flusher)
+            log.info(
+                "worker %s left after committing %d updates", self.worker_id, self.committed_updates
+            )
 
     async def _on_delivery(self, delivery: Delivery) -> None:
         try:
@@ -104,7 +105,9 @@ class AggregationWorker:
                 None, self._to_fixed_point, update, spec
             )
         except CodecError as exc:
-            await self._dead_letter(delivery, f"round {update.round}: update {update.update_id}: {exc}")
+            await self._dead_letter(
+                delivery, f"round {update.round}: update {update.update_id}: {exc}"
+            )
             return
 
         async with self._lock:
@@ -169,21 +172,29 @@ class AggregationWorker:
                 return
 
             done, batch.pending, batch.pending_bytes = batch.pending, [], 0
-            batch.committed, batch.committed_examples, batch.committed_count = total, examples, count
+            batch.committed, batch.committed_examples, batch.committed_count = (
+                total,
+                examples,
+                count,
+            )
             for p in done:
                 await p.delivery.ack()
             self.committed_updates += len(done)
             metrics.UPDATES_AGGREGATED.inc(len(done))
             metrics.AGGREGATION_SECONDS.observe(time.monotonic() - started)
-            log.debug("round %d: worker %s committed %d updates", batch.round, self.worker_id,
-                      len(done))
+            log.debug(
+                "round %d: worker %s committed %d updates", batch.round, self.worker_id, len(done)
+            )
 
     async def _settle_known(self, batch: _RoundBatch, known: set[str]) -> None:
         if not known:
             return
         for p in [p for p in batch.pending if p.update_id in known]:
-            log.info("round %d: update %s already counted; acking the redelivery", batch.round,
-                     p.update_id)
+            log.info(
+                "round %d: update %s already counted; acking the redelivery",
+                batch.round,
+                p.update_id,
+            )
             await p.delivery.ack()
         batch.pending = [p for p in batch.pending if p.update_id not in known]
         batch.pending_bytes = sum(p.fixed.nbytes for p in batch.pending)
@@ -192,8 +203,12 @@ class AggregationWorker:
         # The round stopped taking updates only after every acknowledged update was
         # counted, so these copies were never acknowledged to a client.
         for p in batch.pending:
-            log.warning("round %d is %s: dropping unacknowledged late update %s", batch.round,
-                        round_status, p.update_id)
+            log.warning(
+                "round %d is %s: dropping unacknowledged late update %s",
+                batch.round,
+                round_status,
+                p.update_id,
+            )
             await p.delivery.ack()
         self._batches.pop(batch.round, None)
 

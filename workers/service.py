@@ -11,6 +11,7 @@ from fedq.config import SettingsError
 from fedq.metrics import serve_metrics
 from fedq.queue import open_queue
 from fedq.state import connect_redis
+from fedq.tasks import cancel_and_wait
 from workers.consumer import AggregationWorker
 from workers.settings import WorkerSettings
 
@@ -33,7 +34,7 @@ async def run_worker() -> None:
 
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, task.cancel)
+        loop.add_signal_handler(sig, lambda: asyncio.ensure_future(cancel_and_wait(task)))
     try:
         await task
     except asyncio.CancelledError:

@@ -38,8 +38,9 @@ _UNAVAILABLE = {
 }
 
 
-def create_app(*, store: RoundStore, ledger: PrivacyLedger, queue: UpdateQueue,
-               settings: CoordinatorSettings) -> Quart:
+def create_app(
+    *, store: RoundStore, ledger: PrivacyLedger, queue: UpdateQueue, settings: CoordinatorSettings
+) -> Quart:
     """The API over the given store, ledger and queue."""
     app = Quart(__name__, static_folder=str(STATIC_DIR), static_url_path="/static")
     app.json.sort_keys = False  # keep fields in the order the handlers build them
@@ -69,8 +70,10 @@ async def _api_error(exc: ApiError) -> tuple[dict[str, Any], int, dict[str, str]
 
 async def _http_error(exc: HTTPException) -> tuple[dict[str, Any], int]:
     status = exc.code or 500
-    message = {404: f"no such endpoint: {request.path}",
-               405: f"{request.method} is not allowed on {request.path}"}.get(status)
+    message = {
+        404: f"no such endpoint: {request.path}",
+        405: f"{request.method} is not allowed on {request.path}",
+    }.get(status)
     return {"error": message or exc.description or exc.name}, status
 
 

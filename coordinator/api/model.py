@@ -78,10 +78,14 @@ async def download() -> Response:
     log.info("round %d model sent as %s (%d bytes)", round_id, fmt, len(body))
 
     filename = f"fedq-round-{round_id}{FORMATS[fmt]}"
-    return Response(body, mimetype="application/octet-stream", headers={
-        "Content-Disposition": f'attachment; filename="{filename}"',
-        "X-Model-Digest": digest,
-    })
+    return Response(
+        body,
+        mimetype="application/octet-stream",
+        headers={
+            "Content-Disposition": f'attachment; filename="{filename}"',
+            "X-Model-Digest": digest,
+        },
+    )
 
 
 async def latest_model_round(store: RoundStore, federation: FederationRecord) -> int | None:

@@ -9,8 +9,14 @@ from coordinator.api.errors import BadRequestError
 __all__ = ["parse_float", "parse_float_list", "parse_int"]
 
 
-def parse_int(name: str, raw: str | None, *, default: int | None = None,
-              minimum: int | None = None, maximum: int | None = None) -> int | None:
+def parse_int(
+    name: str,
+    raw: str | None,
+    *,
+    default: int | None = None,
+    minimum: int | None = None,
+    maximum: int | None = None,
+) -> int | None:
     """``raw`` as an integer within bounds, or ``default`` when it is missing."""
     if raw is None or raw == "":
         return default
@@ -26,8 +32,15 @@ def parse_int(name: str, raw: str | None, *, default: int | None = None,
     return value
 
 
-def parse_float(name: str, raw: str | None, *, default: float, low: float | None = None,
-                high: float | None = None, high_open: bool = False) -> float:
+def parse_float(
+    name: str,
+    raw: str | None,
+    *,
+    default: float,
+    low: float | None = None,
+    high: float | None = None,
+    high_open: bool = False,
+) -> float:
     """``raw`` as a finite float in ``(low, high]`` (``(low, high)`` if ``high_open``)."""
     if raw is None or raw == "":
         return default
@@ -42,8 +55,9 @@ def parse_float(name: str, raw: str | None, *, default: float, low: float | None
     return value
 
 
-def parse_float_list(name: str, raw: str | None, *, default: list[float], max_items: int,
-                     low: float | None = None) -> list[float]:
+def parse_float_list(
+    name: str, raw: str | None, *, default: list[float], max_items: int, low: float | None = None
+) -> list[float]:
     """A comma-separated list of finite floats, each above ``low``."""
     if raw is None or raw.strip() == "":
         return default
@@ -55,8 +69,9 @@ def parse_float_list(name: str, raw: str | None, *, default: list[float], max_it
     return [parse_float(name, p, default=0.0, low=low) for p in parts]
 
 
-def _check_range(name: str, value: float, *, low: float | None, high: float | None,
-                 high_open: bool) -> None:
+def _check_range(
+    name: str, value: float, *, low: float | None, high: float | None, high_open: bool
+) -> None:
     too_low = low is not None and value <= low
     too_high = high is not None and (value >= high if high_open else value > high)
     if too_low or too_high:

@@ -40,16 +40,18 @@ async def clients() -> dict[str, Any]:
     rows = []
     for client in registered:
         row = spent.get(client.client_id) or await _unspent(client.client_id)
-        rows.append({
-            "client_id": client.client_id,
-            "num_examples": client.num_examples,
-            "joined_at": client.joined_at,
-            "last_seen": client.last_seen,
-            "epsilon_spent": _finite(row["epsilon_spent"]),
-            "epsilon_budget": row["epsilon_budget"],
-            "remaining": row["remaining"],
-            "rounds": row["rounds"],
-        })
+        rows.append(
+            {
+                "client_id": client.client_id,
+                "num_examples": client.num_examples,
+                "joined_at": client.joined_at,
+                "last_seen": client.last_seen,
+                "epsilon_spent": _finite(row["epsilon_spent"]),
+                "epsilon_budget": row["epsilon_budget"],
+                "remaining": row["remaining"],
+                "rounds": row["rounds"],
+            }
+        )
     return {"clients": rows, "count": len(rows), "delta": ctx.ledger.delta}
 
 
@@ -88,16 +90,29 @@ async def tradeoff() -> dict[str, Any]:
     """ε after a number of rounds for each noise multiplier (defaults: the configured plan)."""
     settings = api_context().settings
     plan, args = settings.plan, request.args
-    noise = parse_float_list("noise", args.get("noise"), default=[plan.noise_multiplier],
-                             max_items=_MAX_NOISE_LEVELS, low=0.0)
-    sample_rate = parse_float("sample_rate", args.get("sample_rate"),
-                              default=plan.sample_rate, low=0.0, high=1.0)
-    local_steps = parse_int("local_steps", args.get("local_steps"), default=plan.local_steps,
-                            minimum=1, maximum=1_000_000)
-    rounds = parse_int("rounds", args.get("rounds"), default=settings.rounds, minimum=0,
-                       maximum=100_000)
-    delta = parse_float("delta", args.get("delta"), default=settings.delta, low=0.0, high=1.0,
-                        high_open=True)
+    noise = parse_float_list(
+        "noise",
+        args.get("noise"),
+        default=[plan.noise_multiplier],
+        max_items=_MAX_NOISE_LEVELS,
+        low=0.0,
+    )
+    sample_rate = parse_float(
+        "sample_rate", args.get("sample_rate"), default=plan.sample_rate, low=0.0, high=1.0
+    )
+    local_steps = parse_int(
+        "local_steps",
+        args.get("local_steps"),
+        default=plan.local_steps,
+        minimum=1,
+        maximum=1_000_000,
+    )
+    rounds = parse_int(
+        "rounds", args.get("rounds"), default=settings.rounds, minimum=0, maximum=100_000
+    )
+    delta = parse_float(
+        "delta", args.get("delta"), default=settings.delta, low=0.0, high=1.0, high_open=True
+    )
     accountant = args.get("accountant") or settings.accountant
     if accountant not in ACCOUNTANTS:
         raise BadRequestError(
@@ -106,8 +121,13 @@ async def tradeoff() -> dict[str, Any]:
 
     # Opacus accounting takes tens of milliseconds per row: keep it off the event loop.
     table = await asyncio.to_thread(
-        tradeoff_table, noise, sample_rate=sample_rate, local_steps=local_steps,
-        rounds=rounds, delta=delta, accountant=accountant,
+        tradeoff_table,
+        noise,
+        sample_rate=sample_rate,
+        local_steps=local_steps,
+        rounds=rounds,
+        delta=delta,
+        accountant=accountant,
     )
     return {"accountant": accountant, "table": [_jsonable(row) for row in table]}
 

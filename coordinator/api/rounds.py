@@ -59,11 +59,11 @@ async def all_rounds(store: RoundStore, *, limit: int | None = None) -> list[Rou
     # one past it; that extra id is why one more than ``limit`` is read.
     ids = list(range(1, record.current_round + 2))
     if limit is not None:
-        ids = ids[-(limit + 1):]
+        ids = ids[-(limit + 1) :]
 
     found: list[RoundRecord] = []
     for start in range(0, len(ids), _BATCH):
-        batch = await asyncio.gather(*(store.round(r) for r in ids[start:start + _BATCH]))
+        batch = await asyncio.gather(*(store.round(r) for r in ids[start : start + _BATCH]))
         found.extend(r for r in batch if r is not None)
     return found[-limit:] if limit is not None else found
 

@@ -25,8 +25,16 @@ GRACE_S = 3.0  # time open requests get to finish once stop() is called
 class ApiServer:
     """The REST API on ``host:port`` (port 0 picks a free one, then exposed as ``.port``)."""
 
-    def __init__(self, *, host: str, port: int, store: RoundStore, ledger: PrivacyLedger,
-                 queue: UpdateQueue, settings: CoordinatorSettings) -> None:
+    def __init__(
+        self,
+        *,
+        host: str,
+        port: int,
+        store: RoundStore,
+        ledger: PrivacyLedger,
+        queue: UpdateQueue,
+        settings: CoordinatorSettings,
+    ) -> None:
         if not 0 <= port <= 65535:
             raise ValueError(f"API port {port} must be in 0..65535 (0 picks a free port)")
         self.host = host

@@ -13,6 +13,7 @@ from coordinator.gateway.watcher import RoundWatcher
 from coordinator.settings import GatewaySettings
 from fedq.queue import UpdateQueue
 from fedq.state import RoundStore
+from fedq.tasks import cancel_and_wait
 from proto import fedq_v1_pb2_grpc as pb_grpc
 
 __all__ = ["GRPC_OPTIONS", "GatewayServer"]
@@ -65,8 +66,7 @@ class GatewayServer:
     async def stop(self, *, grace_s: float = 5.0) -> None:
         """Stop taking calls, let running ones finish within ``grace_s``; idempotent."""
         if self._watch_task is not None:
-            self._watch_task.cancel()
-            await asyncio.gather(self._watch_task, return_exceptions=True)
+            await cancel_and_wait(self._watch_task)
             self._watch_task = None
         if self._server is not None:
             await self._server.stop(grace_s)

@@ -66,17 +66,23 @@ class FederationServicer(pb_grpc.FederationServicer):
 
     # -- Join -------------------------------------------------------------------------------
 
-    async def Join(self, request: pb.JoinRequest, context: grpc.aio.ServicerContext) -> pb.JoinReply:
+    async def Join(
+        self, request: pb.JoinRequest, context: grpc.aio.ServicerContext
+    ) -> pb.JoinReply:
         async with _as_grpc_status(context, "Join"):
             if not _CLIENT_ID.match(request.client_id):
                 raise InvalidUpdateError(
-                    f"client_id {request.client_id[:64]!r}: expected 1-128 letters, digits, '.', '_', ':', '-'"
+                    f"client_id {request.client_id[:64]!r}: expected 1-128 letters, digits, "
+                    "'.', '_', ':', '-'"
                 )
             if request.protocol and request.protocol != "fedq.v1":
-                raise InvalidUpdateError(f"protocol {request.protocol!r} is not served; use fedq.v1")
-            if not 0 < request.num_examples <= self._settings.max_examples:
                 raise InvalidUpdateError(
-                    f"num_examples {request.num_examples}: expected 1..{self._settings.max_examples}"
+                    f"protocol {request.protocol!r} is not served; use fedq.v1"
+                )
+            limit = self._settings.max_examples
+            if not 0 < request.num_examples <= limit:
+                raise InvalidUpdateError(
+                    f"num_examples {request.num_examples}: expected 1..{limit}"
                 )
 
             federation = await self._store.federation()
@@ -137,8 +143,12 @@ class FederationServicer(pb_grpc.FederationServicer):
             await self._authenticate(header.client_id, header.token)
 
             if await self._store.is_accepted(header.round, header.update_id):
-                log.info("round %d: update %s from %s is a duplicate", header.round,
-                         header.update_id, header.client_id)
+                log.info(
+                    "round %d: update %s from %s is a duplicate",
+                    header.round,
+                    header.update_id,
+                    header.client_id,
+                )
                 return pb.SubmitReply(
                     outcome=pb.SubmitReply.DUPLICATE,
                     update_id=header.update_id,
@@ -156,9 +166,14 @@ class FederationServicer(pb_grpc.FederationServicer):
 
             await self._enqueue(header, payload)
             metrics.UPDATES_ACCEPTED.inc()
-            log.info("round %d: accepted update %s from %s (%d examples, %d bytes)",
-                     header.round, header.update_id, header.client_id, header.num_examples,
-                     len(payload))
+            log.info(
+                "round %d: accepted update %s from %s (%d examples, %d bytes)",
+                header.round,
+                header.update_id,
+                header.client_id,
+                header.num_examples,
+                len(payload),
+            )
             return pb.SubmitReply(
                 outcome=pb.SubmitReply.ACCEPTED, update_id=header.update_id, message="accepted"
             )
@@ -196,6 +211,7 @@ class FederationServicer(pb_grpc.FederationServicer):
 
     async def _opened_event(self, client_id: str, round_id: int, state: Any) -> pb.RoundEvent:
         plan = await self._store.plan_for(round_id, client_id)
+        reason = "" if plan else await self._store.exclusion_of(round_id, client_id)
         return pb.RoundEvent(
             kind=pb.RoundEvent.OPENED,
             round=round_id,
@@ -203,7 +219,7 @@ class FederationServicer(pb_grpc.FederationServicer):
             plan=plan_to_proto(plan) if plan else None,
             model_digest=state.model_digest,
             deadline_unix=state.deadline,
-            reason="" if plan else "not selected for this round",
+            reason="" if plan else reason or "not selected for this round",
         )
 
     # -- helpers ----------------------------------------------------------------------------
@@ -221,6 +237,9 @@ class FederationServicer(pb_grpc.FederationServicer):
 
         plan = await self._store.plan_for(header.round, header.client_id)
         if plan is None:
+            reason = await self._store.exclusion_of(header.round, header.client_id)
+            if reason is not None and reason.startswith("privacy budget"):
+                raise BudgetExhaustedError(reason)
             raise NotParticipantError(
                 f"client {header.client_id} is not a participant of round {header.round}"
             )

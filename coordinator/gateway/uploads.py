@@ -35,7 +35,8 @@ async def read_header(stream: AsyncIterator[pb.UpdateChunk]) -> pb.UpdateHeader:
         raise InvalidUpdateError(f"client_id {header.client_id[:64]!r} is not a valid id")
     if not _ID.match(header.update_id):
         raise InvalidUpdateError(
-            f"update_id {header.update_id[:64]!r}: expected 1-128 letters, digits, '.', '_', ':', '-'"
+            f"update_id {header.update_id[:64]!r}: expected 1-128 letters, digits, "
+            "'.', '_', ':', '-'"
         )
     if header.round < 1:
         raise InvalidUpdateError("header.round must be >= 1")

@@ -53,8 +53,9 @@ class Charge:
         """The charge a client incurs by running ``plan``."""
         if plan.dp_mode == "sample":
             # DP-SGD inside the client: every local step is one Poisson-subsampled release.
-            return cls(plan.round, "sample", plan.noise_multiplier, plan.sample_rate,
-                       plan.local_steps)
+            return cls(
+                plan.round, "sample", plan.noise_multiplier, plan.sample_rate, plan.local_steps
+            )
         if plan.dp_mode == "client":
             # Client-level DP: the clipped whole update is released once with Gaussian noise,
             # so the unit protected is the client and there is no subsampling to amplify it.
@@ -122,14 +123,16 @@ def tradeoff_table(
     for noise in noise_multipliers:
         charges = [Charge(0, "sample", float(noise), sample_rate, local_steps * rounds)]
         eps = epsilon(charges, delta=delta, accountant=accountant) if rounds else 0.0
-        rows.append({
-            "noise_multiplier": float(noise),
-            "sample_rate": sample_rate,
-            "local_steps": local_steps,
-            "rounds": rounds,
-            "delta": delta,
-            "epsilon": eps,
-        })
+        rows.append(
+            {
+                "noise_multiplier": float(noise),
+                "sample_rate": sample_rate,
+                "local_steps": local_steps,
+                "rounds": rounds,
+                "delta": delta,
+                "epsilon": eps,
+            }
+        )
     return rows
 
 
@@ -144,8 +147,9 @@ def _merge(charges: Sequence[Charge]) -> list[tuple[float, float, int]]:
     return [(noise, rate, n) for (noise, rate), n in steps.items()]
 
 
-def _epsilon_of_history(history: list[tuple[float, float, int]], *, delta: float,
-                        accountant: str) -> float:
+def _epsilon_of_history(
+    history: list[tuple[float, float, int]], *, delta: float, accountant: str
+) -> float:
     """Fill an Opacus accountant's history and ask it for ε."""
     if accountant == "gdp" and len(history) > 1:
         raise ValueError(

@@ -176,17 +176,18 @@ class PrivacyLedger:
             charges = await self.history(client_id)
             spent = await self._spent_of(client_id, charges)
             budget = await self.budget(client_id)
-            rows.append({
-                "client_id": client_id,
-                "epsilon_spent": spent,
-                "epsilon_budget": budget,
-                "remaining": max(budget - spent, 0.0),
-                "rounds": len(charges),
-            })
+            rows.append(
+                {
+                    "client_id": client_id,
+                    "epsilon_spent": spent,
+                    "epsilon_budget": budget,
+                    "remaining": max(budget - spent, 0.0),
+                    "rounds": len(charges),
+                }
+            )
         return rows
 
-    async def _charge_once(self, pipe: Any, client_id: str, new: Charge, *,
-                           enforce: bool) -> float:
+    async def _charge_once(self, pipe: Any, client_id: str, new: Charge, *, enforce: bool) -> float:
         """One optimistic attempt: watch, read, decide, write; WatchError means retry."""
         key = self._charges_key(client_id)
         budget_key = self._budget_key(client_id)
@@ -214,8 +215,9 @@ class PrivacyLedger:
 
         # WATCH guarantees the stored ledger is now exactly ``charges`` plus ``new``.
         self._cache.put_spent(client_id, len(charges) + 1, would_reach)
-        log.info("client %s charged round %d: ε %.3f of %.3f", client_id, new.round,
-                 would_reach, budget)
+        log.info(
+            "client %s charged round %d: ε %.3f of %.3f", client_id, new.round, would_reach, budget
+        )
         return would_reach
 
     async def _already_charged(self, client_id: str, charges: list[Charge], new: Charge) -> float:
@@ -224,8 +226,13 @@ class PrivacyLedger:
         if stored != new:
             # NOTE: the first plan handed out for a round is what the client may have run;
             # a different plan for the same round does not replace it.
-            log.warning("client %s round %d already charged as %s; ignoring %s",
-                        client_id, new.round, stored, new)
+            log.warning(
+                "client %s round %d already charged as %s; ignoring %s",
+                client_id,
+                new.round,
+                stored,
+                new,
+            )
         else:
             log.debug("client %s round %d already charged", client_id, new.round)
         return await self._spent_of(client_id, charges)
@@ -310,4 +317,3 @@ def _text(value: bytes | str) -> str:
 def _check_client_id(client_id: str) -> None:
     if not isinstance(client_id, str) or not client_id:
         raise ValueError(f"client_id {client_id!r} must be a non-empty string")
-

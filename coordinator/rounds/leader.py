@@ -58,8 +58,9 @@ class LeaderLease:
 
     async def hold(self) -> int | None:
         """Acquire or renew the lease; the fencing token while leading, else None."""
-        token = int(await self._acquire(keys=[keys.LEADER, FENCE],
-                                        args=[self._owner, self._ttl_ms]))
+        token = int(
+            await self._acquire(keys=[keys.LEADER, FENCE], args=[self._owner, self._ttl_ms])
+        )
         leading = token if token >= 0 else None
         if leading is not None and self.token != leading:
             log.info("coordinator %s leads (fencing token %d)", self._owner, leading)

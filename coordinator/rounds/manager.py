@@ -71,7 +71,9 @@ class RoundManager:
         self._evaluations: dict[int, asyncio.Task[None]] = {}
         self._last_wait_log = 0.0
 
-    async def ensure_federation(self, *, model_name: str, initial: dict[str, np.ndarray]) -> FederationRecord:
+    async def ensure_federation(
+        self, *, model_name: str, initial: dict[str, np.ndarray]
+    ) -> FederationRecord:
         """Create the federation with its initial model unless the store has one."""
         record = FederationRecord(
             model_name=model_name,
@@ -83,11 +85,18 @@ class RoundManager:
         federation = await self._store.federation()
         assert federation is not None
         if created:
-            log.info("federation created: model %s, %d parameters, %d rounds", model_name,
-                     record.spec.update_size, record.total_rounds)
+            log.info(
+                "federation created: model %s, %d parameters, %d rounds",
+                model_name,
+                record.spec.update_size,
+                record.total_rounds,
+            )
         else:
-            log.info("federation found in the store at round %d (%s); continuing",
-                     federation.current_round, federation.status)
+            log.info(
+                "federation found in the store at round %d (%s); continuing",
+                federation.current_round,
+                federation.status,
+            )
         return federation
 
     async def run(self, *, stop: asyncio.Event | None = None) -> None:
@@ -146,29 +155,46 @@ class RoundManager:
     async def _try_open(self, round_id: int, federation: FederationRecord) -> None:
         now = time.time()
         live = [
-            c for c in await self._store.clients()
+            c
+            for c in await self._store.clients()
             if now - c.last_seen <= self._settings.client_timeout_s
         ]
         needed = self._settings.start_clients if round_id == 1 else 1
         if len(live) < needed:
-            self._log_waiting("round %d waits for clients: %d of %d joined", round_id,
-                              len(live), needed)
+            self._log_waiting(
+                "round %d waits for clients: %d of %d joined", round_id, len(live), needed
+            )
             return
 
         deadline = now + self._settings.round_timeout_s
         plans = {}
+        excluded = {}
         for client in live:
-            plan = plan_for_client(self._settings.plan, client, round_id=round_id,
-                                   deadline=deadline, seed=self._settings.seed)
+            plan = plan_for_client(
+                self._settings.plan,
+                client,
+                round_id=round_id,
+                deadline=deadline,
+                seed=self._settings.seed,
+            )
             affordable, would_reach = await self._affordable(client.client_id, plan)
             if affordable:
                 plans[client.client_id] = plan
             else:
-                log.info("round %d: client %s not selected: ε would reach %.3f, over budget",
-                         round_id, client.client_id, would_reach)
+                excluded[client.client_id] = await self._budget_reason(
+                    client.client_id, would_reach
+                )
+                log.info(
+                    "round %d: client %s not selected: %s",
+                    round_id,
+                    client.client_id,
+                    excluded[client.client_id],
+                )
         chosen = select_participants(
             [c for c in live if c.client_id in plans],
-            count=self._settings.clients_per_round, round_id=round_id, seed=self._settings.seed,
+            count=self._settings.clients_per_round,
+            round_id=round_id,
+            seed=self._settings.seed,
         )
         if not chosen:
             await self._store.set_progress(current_round=round_id - 1, status="finished")
@@ -179,6 +205,7 @@ class RoundManager:
         if self._settings.plan.dp_mode != "none":
             for client_id, plan in chosen_plans.items():
                 await self._ledger.charge(client_id, plan)
+        await self._store.put_exclusions(round_id, excluded)
         await self._store.put_plans(round_id, chosen_plans)
         await self._open(round_id, chosen_plans, deadline=deadline, opened_at=now)
 
@@ -190,8 +217,17 @@ class RoundManager:
         affordable, would_reach = await self._ledger.can_afford(client_id, plan)
         return bool(affordable), float(would_reach)
 
-    async def _open(self, round_id: int, plans: dict[str, Any], *, deadline: float,
-                    opened_at: float) -> None:
+    async def _budget_reason(self, client_id: str, would_reach: float) -> str:
+        spent = await self._ledger.spent(client_id)
+        budget = await self._ledger.budget(client_id)
+        return (
+            f"privacy budget exhausted: ε spent {spent:.3f} of {budget:.3f} allowed; "
+            f"the next round would reach {would_reach:.3f}"
+        )
+
+    async def _open(
+        self, round_id: int, plans: dict[str, Any], *, deadline: float, opened_at: float
+    ) -> None:
         target = len(plans)
         quorum = max(1, math.ceil(self._settings.quorum_fraction * target))
         digest = await self._store.model_digest(round_id) or ""
@@ -208,8 +244,13 @@ class RoundManager:
             )
         )
         await self._store.set_progress(current_round=round_id, status="running")
-        log.info("round %d opened: %d participants, quorum %d, deadline in %.0fs", round_id,
-                 target, quorum, deadline - opened_at)
+        log.info(
+            "round %d opened: %d participants, quorum %d, deadline in %.0fs",
+            round_id,
+            target,
+            quorum,
+            deadline - opened_at,
+        )
 
     # -- closing ----------------------------------------------------------------------------
 
@@ -220,19 +261,27 @@ class RoundManager:
         elif now < record.deadline:
             return
         elif record.accepted >= record.quorum:
-            await self._close(record, note=f"deadline passed with quorum ({record.accepted} updates)")
+            await self._close(
+                record, note=f"deadline passed with quorum ({record.accepted} updates)"
+            )
         elif record.extensions < self._settings.max_extensions:
             deadline = now + self._settings.round_timeout_s
-            await self._store.update_round(record.round, deadline=deadline,
-                                           extensions=record.extensions + 1)
-            log.warning("round %d deadline extended: %d of %d quorum updates", record.round,
-                        record.accepted, record.quorum)
+            await self._store.update_round(
+                record.round, deadline=deadline, extensions=record.extensions + 1
+            )
+            log.warning(
+                "round %d deadline extended: %d of %d quorum updates",
+                record.round,
+                record.accepted,
+                record.quorum,
+            )
         else:
             await self._abandon(record)
 
     async def _close(self, record: RoundRecord, *, note: str) -> None:
-        await self._store.update_round(record.round, status=CLOSING, closed_at=time.time(),
-                                       note=note)
+        await self._store.update_round(
+            record.round, status=CLOSING, closed_at=time.time(), note=note
+        )
         log.info("round %d closed: %s; %d updates accepted", record.round, note, record.accepted)
 
     async def _abandon(self, record: RoundRecord) -> None:
@@ -242,11 +291,18 @@ class RoundManager:
         assert found is not None
         await self._store.put_model(record.round + 1, found[0])
         await self._store.update_round(
-            record.round, status=ABANDONED, closed_at=time.time(), next_digest=found[1],
+            record.round,
+            status=ABANDONED,
+            closed_at=time.time(),
+            next_digest=found[1],
             note=f"abandoned: {record.accepted} of {record.quorum} quorum updates at the deadline",
         )
-        log.warning("round %d abandoned: %d of %d quorum updates", record.round, record.accepted,
-                    record.quorum)
+        log.warning(
+            "round %d abandoned: %d of %d quorum updates",
+            record.round,
+            record.accepted,
+            record.quorum,
+        )
 
     # -- finalizing -------------------------------------------------------------------------
 
@@ -254,8 +310,11 @@ class RoundManager:
         accepted = await self._store.accepted_ids(record.round)
         missing = accepted - await self._partials.applied_ids(record.round)
         if missing:
-            self._log_waiting("round %d waits for workers to count %d acknowledged updates",
-                              record.round, len(missing))
+            self._log_waiting(
+                "round %d waits for workers to count %d acknowledged updates",
+                record.round,
+                len(missing),
+            )
             return
 
         await self._store.update_round(record.round, status=AGGREGATING)
@@ -271,8 +330,13 @@ class RoundManager:
         )
 
         metrics.ROUND_SECONDS.observe(time.time() - record.opened_at)
-        log.info("round %d finalized: %d updates, %d examples, model %s", record.round,
-                 round_sum.count, round_sum.examples, digest[:12])
+        log.info(
+            "round %d finalized: %d updates, %d examples, model %s",
+            record.round,
+            round_sum.count,
+            round_sum.examples,
+            digest[:12],
+        )
         if self._evaluator is not None:
             self._evaluations[record.round] = asyncio.create_task(
                 self._evaluate(record.round, new_blob, spec)

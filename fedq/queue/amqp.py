@@ -119,7 +119,9 @@ class AmqpQueue(UpdateQueue):
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            raise QueueUnavailableError(f"broker did not confirm update {message_id}: {exc}") from exc
+            raise QueueUnavailableError(
+                f"broker did not confirm update {message_id}: {exc}"
+            ) from exc
         if confirm is not None and type(confirm).__name__ not in ("Ack", "BasicAck"):
             raise QueueUnavailableError(f"broker refused update {message_id}: {confirm!r}")
 

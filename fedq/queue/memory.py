@@ -143,8 +143,11 @@ class MemoryQueue(UpdateQueue):
 
     def _requeue(self, message: _Message) -> None:
         if message.deliveries >= self.delivery_limit:
-            log.error("update %s dead-lettered after %d deliveries", message.message_id,
-                      message.deliveries)
+            log.error(
+                "update %s dead-lettered after %d deliveries",
+                message.message_id,
+                message.deliveries,
+            )
             self._dead.append(DeadLetter(message.message_id, "delivery limit", message.headers))
             return
         self._ready.appendleft(message)

@@ -28,6 +28,11 @@ def plans(round_id: int) -> str:
     return f"{PREFIX}round:{{{round_id}}}:plans"
 
 
+def excluded(round_id: int) -> str:
+    """Hash client id -> why it was not selected (e.g. its privacy budget)."""
+    return f"{PREFIX}round:{{{round_id}}}:excluded"
+
+
 def accepted(round_id: int) -> str:
     """Set of update ids the gateway acknowledged (after the broker confirmed)."""
     return f"{PREFIX}round:{{{round_id}}}:accepted"

@@ -140,7 +140,9 @@ class RoundStore:
         flat: list[Any] = []
         for field_name, value in mapping.items():
             flat += [field_name, value]
-        if not await self._fenced_hset(keys=[keys.LEADER + ":fence", key], args=[self.fence, *flat]):
+        if not await self._fenced_hset(
+            keys=[keys.LEADER + ":fence", key], args=[self.fence, *flat]
+        ):
             raise FencedError(f"fencing token {self.fence} is stale; another coordinator leads")
 
     # -- federation -------------------------------------------------------------------------
@@ -251,6 +253,16 @@ class RoundStore:
         """The plan a participant got, or None if it was not selected."""
         raw = await self.redis.hget(keys.plans(round_id), client_id)
         return TrainingPlan.from_dict(msgpack.unpackb(raw)) if raw is not None else None
+
+    async def put_exclusions(self, round_id: int, reasons: dict[str, str]) -> None:
+        """Record why clients were left out of a round."""
+        if reasons:
+            await self.redis.hset(keys.excluded(round_id), mapping=reasons)
+
+    async def exclusion_of(self, round_id: int, client_id: str) -> str | None:
+        """Why a client was left out of a round, if it was for a stated reason."""
+        value = await self.redis.hget(keys.excluded(round_id), client_id)
+        return value.decode() if value is not None else None
 
     # -- acceptance (gateway side) ----------------------------------------------------------
 

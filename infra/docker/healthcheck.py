@@ -47,7 +47,7 @@ def _running_service() -> str | None:
             continue  # the process ended while we looked
         for i, arg in enumerate(argv[:-1]):
             if Path(arg).name == "fedq":
-                return next((a for a in argv[i + 1:] if a in SERVICES), "other")
+                return next((a for a in argv[i + 1 :] if a in SERVICES), "other")
     return None
 
 

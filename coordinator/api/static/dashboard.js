@@ -154,9 +154,10 @@ function seriesOf(rounds, field) {
   return rounds.filter((r) => r[field] !== null).map((r) => ({ x: r.round, y: r[field] }));
 }
 
-// A line chart of {x, y} points in an SVG with viewBox 0 0 460 220.
+// A line chart of {x, y} points, sized to the SVG's viewBox.
 function drawChart(svg, points, opts) {
-  const W = 460, H = 220, left = 48, right = 12, top = 12, bottom = 30;
+  const { width: W, height: H } = svg.viewBox.baseVal;
+  const left = 48, right = 12, top = 10, bottom = 26;
   svg.replaceChildren();
   if (points.length === 0) {
     svg.appendChild(node("svg:text", { x: W / 2, y: H / 2, "text-anchor": "middle",
