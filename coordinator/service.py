@@ -14,8 +14,9 @@ from coordinator.rounds import RoundManager
 from coordinator.rounds.leader import LeaderLease
 from coordinator.settings import CoordinatorSettings, GatewaySettings, ServiceUrls
 from fedq.metrics import serve_metrics
-from fedq.queue import open_queue
+from fedq.queue import UpdateQueue, open_queue
 from fedq.state import PartialSumStore, RoundStore, connect_redis
+from fedq.tasks import cancel_and_wait
 
 __all__ = ["run_coordinator", "run_gateway"]
 
@@ -76,9 +77,23 @@ async def run_coordinator() -> None:
         log.info("federation finished; REST API stays up until stopped")
         await stop.wait()
     finally:
+        if publisher is not None:
+            await cancel_and_wait(publisher)
         await api.stop()
         await queue.close()
         await redis.aclose()
+
+
+def _start_backlog_publisher(queue: UpdateQueue) -> asyncio.Task[None] | None:
+    """Publish backlog per worker to CloudWatch when FEDQ_CLOUDWATCH_NAMESPACE is set."""
+    from coordinator.autoscale import AutoscaleSettings, BacklogPublisher
+
+    settings = AutoscaleSettings.from_env()
+    if not settings.enabled:
+        return None
+    publisher = BacklogPublisher(settings)
+    log.info("publishing backlog per worker to CloudWatch namespace %s", settings.namespace)
+    return asyncio.create_task(publisher.run(queue), name="backlog-publisher")
 
 
 async def run_gateway() -> None:
