@@ -71,6 +71,7 @@ async def run_coordinator() -> None:
         settings=settings,
     )
     await api.start()
+    publisher = _start_backlog_publisher(queue)
     stop = _stop_event()
     try:
         await manager.run(stop=stop)
