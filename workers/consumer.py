@@ -35,6 +35,8 @@ __all__ = ["AggregationWorker"]
 
 log = logging.getLogger(__name__)
 
+_RECONNECT_MAX_S = 10.0
+
 
 @dataclass
 class _Pending:
@@ -84,13 +86,44 @@ class AggregationWorker:
         log.info("worker %s joined", self.worker_id)
         flusher = asyncio.create_task(self._flush_on_time(), name=f"flush-{self.worker_id}")
         try:
-            async for delivery in self._queue.consume(prefetch=self._settings.prefetch):
-                await self._on_delivery(delivery)
+            failures = 0
+            while not await self._consume_until_failure():
+                failures += 1
+                await asyncio.sleep(min(_RECONNECT_MAX_S, 0.5 * 2 ** min(failures, 5)))
         finally:
             await cancel_and_wait(flusher)
             log.info(
                 "worker %s left after committing %d updates", self.worker_id, self.committed_updates
             )
+
+    async def _consume_until_failure(self) -> bool:
+        """Consume; True when the queue closed, False after a broker or store failure.
+
+        After a failure every uncommitted update is forgotten: closing the consumer
+        hands its unacknowledged messages back to the queue, which delivers them again.
+        """
+        consumer = self._queue.consume(prefetch=self._settings.prefetch)
+        try:
+            async for delivery in consumer:
+                await self._on_delivery(delivery)
+            return True
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # broker or store outage: reconnect, redeliveries follow
+            dropped = sum(len(b.pending) for b in self._batches.values())
+            log.warning(
+                "worker %s lost the broker or the store (%s); %d uncommitted updates "
+                "go back to the queue",
+                self.worker_id,
+                exc,
+                dropped,
+            )
+            log.debug("worker failure", exc_info=True)
+            for batch in self._batches.values():
+                batch.pending, batch.pending_bytes = [], 0
+            return False
+        finally:
+            await _close_quietly(consumer)
 
     async def _on_delivery(self, delivery: Delivery) -> None:
         try:
@@ -137,7 +170,10 @@ class AggregationWorker:
                 now = time.monotonic()
                 for batch in list(self._batches.values()):
                     if batch.pending and now - batch.first_at >= self._settings.flush_s:
-                        await self._flush(batch)
+                        try:
+                            await self._flush(batch)
+                        except Exception as exc:  # the store is down: keep the batch, retry
+                            log.warning("round %d: commit failed (%s); retrying", batch.round, exc)
 
     async def _flush(self, batch: _RoundBatch) -> None:
         """Commit the batch's pending updates, then ack them (caller holds the lock)."""
@@ -235,3 +271,10 @@ class AggregationWorker:
                 break
             await asyncio.sleep(0.5)
         return self._spec
+
+
+async def _close_quietly(consumer: object) -> None:
+    try:
+        await consumer.aclose()  # type: ignore[attr-defined]
+    except Exception:  # the channel may already be gone with the connection
+        log.debug("closing a consumer failed", exc_info=True)

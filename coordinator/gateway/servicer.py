@@ -11,6 +11,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import grpc
+from redis.exceptions import RedisError
 
 from coordinator.errors import (
     AuthError,
@@ -25,12 +26,13 @@ from coordinator.errors import (
 )
 from coordinator.gateway.uploads import read_header, read_payload
 from coordinator.gateway.watcher import RoundWatcher
+from coordinator.privacy.ledger import LedgerUnavailableError
 from coordinator.settings import GatewaySettings
 from fedq import metrics
 from fedq.plan import TrainingPlan
 from fedq.queue import QueueUnavailableError, UpdateQueue
 from fedq.queue.message import QueuedUpdate
-from fedq.state import RoundStore
+from fedq.state import RoundStore, StoreUnavailableError
 from fedq.tensors import ModelSpec
 from proto import fedq_v1_pb2 as pb
 from proto import fedq_v1_pb2_grpc as pb_grpc
@@ -334,6 +336,11 @@ async def _as_grpc_status(context: grpc.aio.ServicerContext, rpc: str) -> AsyncI
         await context.abort(code, message)
     except (asyncio.CancelledError, grpc.aio.AbortError):
         raise
+    except (RedisError, StoreUnavailableError, LedgerUnavailableError, OSError) as exc:
+        log.warning("%s: store unavailable: %s", rpc, exc)
+        if rpc == "SubmitUpdate":
+            metrics.UPDATES_REJECTED.labels(reason="unavailable").inc()
+        await context.abort(grpc.StatusCode.UNAVAILABLE, "state store unavailable; retry")
     except Exception:
         log.exception("%s failed unexpectedly", rpc)
         if rpc == "SubmitUpdate":

@@ -19,13 +19,14 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+from redis.exceptions import RedisError
 
 from coordinator.rounds.aggregation import apply_mean_update
 from coordinator.rounds.leader import LeaderLease
 from coordinator.rounds.selection import plan_for_client, select_participants
 from coordinator.settings import CoordinatorSettings
 from fedq import metrics
-from fedq.state import PartialSumStore, RoundRecord, RoundStore
+from fedq.state import PartialSumStore, RoundRecord, RoundStore, StoreUnavailableError
 from fedq.state.rounds import (
     ABANDONED,
     CLOSING,
@@ -103,13 +104,24 @@ class RoundManager:
         """Tick until the federation finishes (or ``stop`` is set)."""
         try:
             while stop is None or not stop.is_set():
-                if await self._lead() and await self._tick_fenced():
+                if await self._step():
                     break
                 await asyncio.sleep(self._poll_s)
             await self.wait_evaluations()
         finally:
             if self._lease is not None:
                 await self._lease.release()
+
+    async def _step(self) -> bool:
+        """Lead and tick once; an outage of the store is logged and retried."""
+        try:
+            return await self._lead() and await self._tick_fenced()
+        except asyncio.CancelledError:
+            raise
+        except (RedisError, OSError, StoreUnavailableError) as exc:
+            log.warning("round manager cannot reach the store (%s); retrying", exc)
+            await asyncio.sleep(1.0)
+            return False
 
     async def _lead(self) -> bool:
         """Hold the lease (when there is one) and fence the store's writes with it."""
