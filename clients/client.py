@@ -101,6 +101,15 @@ class FederatedClient:
                         after = max(after, event.round)
                     if event.kind == pb.RoundEvent.FINISHED:
                         return
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise
+                # The stream's channel was closed under it (a failover): reconnect.
+                failures += 1
+                log.warning("client %s: round stream closed; reconnecting", self.client_id)
+                await asyncio.sleep(min(10.0, 0.2 * 2 ** min(failures, 6)))
+                continue
             except grpc.aio.AioRpcError as exc:
                 if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
                     await self.join()

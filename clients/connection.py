@@ -29,12 +29,17 @@ TRANSIENT_CODES = frozenset(
     }
 )
 
+_RETIRE_GRACE_S = 30.0
+
 _CHANNEL_OPTIONS = [
     ("grpc.keepalive_time_ms", 20_000),
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
     ("grpc.enable_retries", 0),  # retries are ours, with idempotency keys
+    # A link owns its connection: closing the channel on fail-over must drop it, not leave
+    # a half-dead one in gRPC's process-wide pool for the next channel to pick up.
+    ("grpc.use_local_subchannel_pool", 1),
 ]
 
 
@@ -63,6 +68,7 @@ class GatewayLink:
         self._rng = random.Random(seed)
         self._index = self._rng.randrange(len(addresses))
         self._channel: grpc.aio.Channel | None = None
+        self._retired: list[grpc.aio.Channel] = []
         self._stub: pb_grpc.FederationStub | None = None
 
     @property
@@ -104,14 +110,29 @@ class GatewayLink:
         raise last
 
     async def fail_over(self) -> None:
-        """Drop the current channel and move to the next gateway."""
-        if self._channel is not None:
-            await self._channel.close()
+        """Move to the next gateway; the old channel closes after a grace period.
+
+        Other calls of this client (its round stream, a download) may still be using
+        the old channel; closing it at once would cancel them under their feet.
+        """
+        old = self._channel
         self._channel = self._stub = None
         self._index = (self._index + 1) % len(self._addresses)
+        if old is not None:
+            self._retired.append(old)
+            asyncio.get_running_loop().call_later(
+                _RETIRE_GRACE_S, lambda: asyncio.ensure_future(self._close_retired(old))
+            )
+
+    async def _close_retired(self, channel: grpc.aio.Channel) -> None:
+        if channel in self._retired:
+            self._retired.remove(channel)
+            await channel.close()
 
     async def close(self) -> None:
-        """Close the channel; harmless twice."""
-        if self._channel is not None:
-            await self._channel.close()
-            self._channel = self._stub = None
+        """Close every channel; harmless twice."""
+        for channel in [self._channel, *self._retired]:
+            if channel is not None:
+                await channel.close()
+        self._channel = self._stub = None
+        self._retired.clear()

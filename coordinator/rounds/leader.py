@@ -52,6 +52,7 @@ class LeaderLease:
             raise ValueError(f"lease ttl_s {ttl_s} must be > 0")
         self._owner = owner
         self._ttl_ms = int(ttl_s * 1000)
+        self.ttl_s = ttl_s
         self._acquire = redis.register_script(_ACQUIRE)
         self._release = redis.register_script(_RELEASE)
         self.token: int | None = None

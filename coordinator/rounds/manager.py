@@ -35,6 +35,7 @@ from fedq.state.rounds import (
     FederationRecord,
     FencedError,
 )
+from fedq.tasks import cancel_and_wait
 from fedq.tensors import ModelSpec
 from proto.codec import decode_tensors, encode_tensors
 
@@ -68,6 +69,7 @@ class RoundManager:
         self._ledger = ledger
         self._evaluator = evaluator
         self._lease = lease
+        self._renewer: asyncio.Task[None] | None = None
         self._poll_s = poll_s
         self._evaluations: dict[int, asyncio.Task[None]] = {}
         self._last_wait_log = 0.0
@@ -109,6 +111,8 @@ class RoundManager:
                 await asyncio.sleep(self._poll_s)
             await self.wait_evaluations()
         finally:
+            if self._renewer is not None:
+                await cancel_and_wait(self._renewer)
             if self._lease is not None:
                 await self._lease.release()
 
@@ -124,11 +128,27 @@ class RoundManager:
             return False
 
     async def _lead(self) -> bool:
-        """Hold the lease (when there is one) and fence the store's writes with it."""
+        """Hold the lease (when there is one) and fence the store's writes with it.
+
+        The lease is renewed by a task of its own as well, so that a slow step (a
+        model evaluation, ledger accounting on a busy machine) does not let it lapse.
+        """
         if self._lease is None:
             return True
+        if self._renewer is None or self._renewer.done():
+            self._renewer = asyncio.create_task(self._renew_lease(), name="lease-renewer")
         self._store.fence = await self._lease.hold()
         return self._store.fence is not None
+
+    async def _renew_lease(self) -> None:
+        assert self._lease is not None
+        while True:
+            await asyncio.sleep(self._lease.ttl_s / 3)
+            try:
+                if self._store.fence is not None:
+                    self._store.fence = await self._lease.hold()
+            except (RedisError, OSError) as exc:
+                log.warning("lease renewal failed (%s); retrying", exc)
 
     async def _tick_fenced(self) -> bool:
         try:
