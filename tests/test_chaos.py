@@ -181,6 +181,8 @@ class Processes:
             "FEDQ_ROUND_TIMEOUT_S": "300",
             "FEDQ_EVALUATE": "false",
             "FEDQ_DP_MODE": "sample",
+            # Lossless, so the expected model can be computed here from the raw updates.
+            "FEDQ_CODEC": "blosc2",
             "FEDQ_LOCAL_STEPS": "5",
             "FEDQ_EPSILON_BUDGET": "1000",
             "FEDQ_LEADER_TTL_S": "5",
