@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor
@@ -14,7 +15,9 @@ from typing import Any
 import grpc
 import numpy as np
 
+from clients.capabilities import UploadMeter
 from clients.connection import TRANSIENT_CODES, GatewayLink
+from clients.simulation import SimulatedConditions
 from fedq.plan import TrainingPlan
 from proto import fedq_v1_pb2 as pb
 from proto.codec import decode_tensors, encode_tensors
@@ -58,10 +61,23 @@ class FederatedClient:
     token: str = ""
     model_name: str = ""
     outcomes: list[RoundOutcome] = field(default_factory=list)
+    # ``probe(model_name)`` measures this client's capabilities once the model is known.
+    probe: Callable[[str], pb.Capabilities] | None = None
+    upload: UploadMeter = field(default_factory=UploadMeter)
+    conditions: SimulatedConditions | None = None
+    # Asynchronous mode: train on the latest version again as soon as an update is sent.
+    continuous: bool = False
 
     async def run(self) -> list[RoundOutcome]:
         """Take part in rounds until the federation finishes."""
+        # Probe before the first join when the model is known in advance, so that even the
+        # first round's plan is fitted; otherwise (or if the model differs) probe after it.
+        probed = await self._probe() if self.model_name else ""
         await self.join()
+        if self.model_name != probed and await self._probe():
+            await self.join()
+        if self.continuous:
+            return await self._run_continuously()
         async for event in self.watch():
             if event.kind == pb.RoundEvent.FINISHED:
                 break
@@ -70,8 +86,59 @@ class FederatedClient:
                 self.outcomes.append(await self.participate(plan, digest=event.model_digest))
         return self.outcomes
 
+    async def _probe(self) -> str:
+        """Measure the capabilities on the federation's model; returns the model probed."""
+        if self.probe is None or not self.model_name:
+            return ""
+        loop = asyncio.get_running_loop()
+        self.capabilities = await loop.run_in_executor(self.executor, self.probe, self.model_name)
+        log.info(
+            "client %s: %.0f samples/s, %.1f GiB available",
+            self.client_id,
+            self.capabilities.samples_per_second,
+            self.capabilities.memory_bytes / 2**30,
+        )
+        return self.model_name
+
+    async def _run_continuously(self) -> list[RoundOutcome]:
+        """Asynchronous mode: always train on the newest version handed to this client."""
+        latest: list[tuple[TrainingPlan, str]] = []
+        ready = asyncio.Event()
+
+        async def follow() -> None:
+            async for event in self.watch():
+                if event.kind == pb.RoundEvent.FINISHED:
+                    break
+                if event.kind == pb.RoundEvent.OPENED and event.selected:
+                    plan = TrainingPlan.from_dict(_plan_dict(event.plan))
+                    latest[:] = [(plan, event.model_digest)]
+                    ready.set()
+            ready.set()
+
+        follower = asyncio.create_task(follow(), name=f"{self.client_id}-follow")
+        trained = 0
+        try:
+            while True:
+                await ready.wait()
+                ready.clear()
+                if follower.done():
+                    follower.result()  # surfaces the stream's failure, if any
+                    break
+                plan, digest = latest[0]
+                if plan.round <= trained:
+                    continue
+                trained = plan.round
+                self.outcomes.append(await self.participate(plan, digest=digest))
+                ready.set()  # a newer version may have opened while this one trained
+        finally:
+            follower.cancel()
+            await asyncio.gather(follower, return_exceptions=True)
+        return self.outcomes
+
     async def join(self) -> pb.JoinReply:
         """Register with the federation and keep the token."""
+        if self.upload.bytes_per_second:
+            self.capabilities.upload_bytes_per_second = self.upload.bytes_per_second
         request = pb.JoinRequest(
             client_id=self.client_id,
             num_examples=self.num_examples,
@@ -126,6 +193,7 @@ class FederatedClient:
 
     async def participate(self, plan: TrainingPlan, *, digest: str = "") -> RoundOutcome:
         """Fetch the round's model, train on it under the plan and submit the update."""
+        await self._link_delay()
         blob = await self.fetch_model(plan.round, expected_digest=digest)
         arrays = decode_tensors(blob, max_bytes=MAX_MODEL_BYTES)
 
@@ -133,17 +201,23 @@ class FederatedClient:
         result = await loop.run_in_executor(
             self.executor, self.trainer, self.model_name, arrays, plan
         )
+        if self.conditions is not None:
+            await asyncio.sleep(self.conditions.extra_training_s(result.seconds))
         payload = encode_tensors(result.delta, codec=plan.codec)
 
         update_id = f"{self.client_id}:{plan.round}:{uuid.uuid4().hex[:12]}"
         try:
+            await self._link_delay()
+            started = time.monotonic()
             reply = await self.submit(
                 plan.round,
                 update_id=update_id,
                 payload=payload,
                 num_examples=result.num_examples,
                 codec=plan.codec,
+                metrics={"steps": float(getattr(result, "steps", 0) or 0)},
             )
+            self.upload.record(len(payload), time.monotonic() - started)
         except ClientError as exc:
             log.warning("client %s: round %d update refused: %s", self.client_id, plan.round, exc)
             return RoundOutcome(
@@ -151,6 +225,10 @@ class FederatedClient:
             )
         outcome = "accepted" if reply.outcome == pb.SubmitReply.ACCEPTED else "duplicate"
         return RoundOutcome(plan.round, outcome, result.loss, result.seconds, len(payload))
+
+    async def _link_delay(self) -> None:
+        if self.conditions is not None and self.conditions.link_delay_s > 0:
+            await asyncio.sleep(self.conditions.link_delay_s)
 
     async def fetch_model(self, round_id: int, *, expected_digest: str = "") -> bytes:
         """Download a round's model, resuming from the last byte received after a break."""

@@ -60,11 +60,19 @@ class RetryPolicy:
 class GatewayLink:
     """Channels to one or more gateways; calls fail over to the next on transient errors."""
 
-    def __init__(self, addresses: list[str], *, policy: RetryPolicy, seed: int = 0) -> None:
+    def __init__(
+        self,
+        addresses: list[str],
+        *,
+        policy: RetryPolicy,
+        seed: int = 0,
+        credentials: grpc.ChannelCredentials | None = None,
+    ) -> None:
         if not addresses:
             raise ValueError("at least one gateway address is needed")
         self._addresses = list(addresses)
         self._policy = policy
+        self._credentials = credentials
         self._rng = random.Random(seed)
         self._index = self._rng.randrange(len(addresses))
         self._channel: grpc.aio.Channel | None = None
@@ -76,7 +84,12 @@ class GatewayLink:
         """Stub on the current gateway's channel."""
         if self._stub is None:
             address = self._addresses[self._index]
-            self._channel = grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS)
+            if self._credentials is not None:
+                self._channel = grpc.aio.secure_channel(
+                    address, self._credentials, options=_CHANNEL_OPTIONS
+                )
+            else:
+                self._channel = grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS)
             self._stub = pb_grpc.FederationStub(self._channel)
         return self._stub
 

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
+from clients.capabilities import UploadMeter, measure
 from clients.client import FederatedClient
 from clients.connection import GatewayLink, RetryPolicy
 from clients.training import train_locally
 from fedq.config import EnvReader, SettingsError
 from fedq.datasets import load_dataset, partition
+from fedq.models import ModelError, default_model_for
+from fedq.tls import ClientTls
 
 __all__ = ["ClientSettings", "run_client"]
 
@@ -35,6 +38,10 @@ class ClientSettings:
     seed: int = 0
     call_timeout_s: float = 120.0
     retry_attempts: int = 8
+    tls: ClientTls = field(default_factory=ClientTls)
+    probe: bool = True
+    upload_bytes_per_second: float = 0.0  # 0: measured from the last upload
+    mode: str = "sync"  # "async": train continuously on the newest model version
 
     def __post_init__(self) -> None:
         if not self.client_id:
@@ -62,6 +69,14 @@ class ClientSettings:
             "seed": env.int("SEED", 0, minimum=0),
             "call_timeout_s": env.float("CLIENT_CALL_TIMEOUT_S", 120.0, minimum=1.0),
             "retry_attempts": env.int("CLIENT_RETRY_ATTEMPTS", 8, minimum=1),
+            "tls": ClientTls(
+                ca=env.str("TLS_CA", ""),
+                cert=env.str("TLS_CLIENT_CERT", ""),
+                key=env.str("TLS_CLIENT_KEY", ""),
+            ),
+            "probe": env.bool("CLIENT_PROBE", True),
+            "upload_bytes_per_second": env.float("CLIENT_UPLOAD_BPS", 0.0, minimum=0.0),
+            "mode": env.str("MODE", "sync", choices=("sync", "async")),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
@@ -84,9 +99,24 @@ async def run_client(settings: ClientSettings) -> int:
         return train_locally(model_name, arrays, data, plan)
 
     policy = RetryPolicy(attempts=settings.retry_attempts, call_timeout_s=settings.call_timeout_s)
-    link = GatewayLink(list(settings.gateways), policy=policy, seed=settings.seed)
+    credentials = settings.tls.credentials() if settings.tls.enabled else None
+    link = GatewayLink(
+        list(settings.gateways), policy=policy, seed=settings.seed, credentials=credentials
+    )
+    upload = UploadMeter(configured_bytes_per_second=settings.upload_bytes_per_second)
+
+    def probe(model_name: str) -> Any:
+        return measure(model_name, data, upload=upload)
+
     client = FederatedClient(
-        client_id=settings.client_id, link=link, num_examples=len(data), trainer=trainer
+        client_id=settings.client_id,
+        link=link,
+        num_examples=len(data),
+        trainer=trainer,
+        probe=probe if settings.probe else None,
+        upload=upload,
+        continuous=settings.mode == "async",
+        model_name=_guess_model(settings.dataset),  # the gateway's name wins at join
     )
     try:
         outcomes = await client.run()
@@ -97,3 +127,11 @@ async def run_client(settings: ClientSettings) -> int:
         "client %s done: %d of %d rounds accepted", settings.client_id, accepted, len(outcomes)
     )
     return accepted
+
+
+def _guess_model(dataset: str) -> str:
+    """The data set's default model, probed before joining; empty when there is none."""
+    try:
+        return default_model_for(dataset)
+    except ModelError:
+        return ""

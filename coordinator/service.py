@@ -28,7 +28,7 @@ async def run_coordinator() -> None:
     from coordinator.api.server import ApiServer
     from fedq.datasets import load_dataset
     from fedq.evaluation import evaluate
-    from fedq.models import build_model, default_model_for, model_arrays
+    from fedq.models import build_model, default_model_for, make_dp_compatible, model_arrays
 
     settings, urls = CoordinatorSettings.from_env(), ServiceUrls.from_env()
     _require_urls(urls)
@@ -58,9 +58,11 @@ async def run_coordinator() -> None:
         evaluator=evaluator,
         lease=lease,
     )
-    await manager.ensure_federation(
-        model_name=model_name, initial=model_arrays(build_model(model_name, seed=settings.seed))
-    )
+    initial_model = build_model(model_name, seed=settings.seed)
+    if settings.plan.dp_mode != "none":
+        # Clients train the DP-compatible variant (e.g. GroupNorm for BatchNorm).
+        initial_model = make_dp_compatible(initial_model)
+    await manager.ensure_federation(model_name=model_name, initial=model_arrays(initial_model))
 
     api = ApiServer(
         host=settings.api_host,

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from fedq.config import EnvReader, SettingsError
 from fedq.plan import DP_MODES, TrainingPlan
+from fedq.tls import ServerTls
+from proto.codec import CODECS
 
-__all__ = ["CoordinatorSettings", "GatewaySettings", "ServiceUrls"]
+__all__ = ["MODES", "CoordinatorSettings", "GatewaySettings", "ServiceUrls"]
+
+MODES = ("sync", "async")
 
 
 @dataclass(frozen=True)
@@ -46,10 +51,17 @@ class GatewaySettings:
     chunk_bytes: int = 1 << 20
     poll_s: float = 0.2
     metrics_port: int = 0
+    tls: ServerTls = field(default_factory=ServerTls)
+    max_message_bytes: int = 16 << 20  # larger updates are queued as several messages
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise SettingsError(f"FEDQ_GRPC_PORT={self.port}: expected a port number")
+        if not 64 << 10 <= self.max_message_bytes <= 128 << 20:
+            raise SettingsError(
+                f"FEDQ_MAX_MESSAGE_BYTES={self.max_message_bytes}: expected 64 KiB to 128 MiB "
+                "(RabbitMQ's default max_message_size is 128 MiB)"
+            )
         if self.chunk_bytes < 1024 or self.chunk_bytes > 3 << 20:
             raise SettingsError(f"FEDQ_CHUNK_BYTES={self.chunk_bytes}: expected 1 KiB to 3 MiB")
 
@@ -66,6 +78,12 @@ class GatewaySettings:
             chunk_bytes=env.int("CHUNK_BYTES", 1 << 20, minimum=1024),
             poll_s=env.float("POLL_S", 0.2, minimum=0.01, maximum=10),
             metrics_port=env.int("METRICS_PORT", 9100, minimum=0),
+            tls=ServerTls(
+                cert=env.str("TLS_CERT", ""),
+                key=env.str("TLS_KEY", ""),
+                client_ca=env.str("TLS_CLIENT_CA", ""),
+            ),
+            max_message_bytes=env.int("MAX_MESSAGE_BYTES", 16 << 20, minimum=64 << 10),
         )
 
 
@@ -93,10 +111,29 @@ class CoordinatorSettings:
     seed: int = 0
     evaluate: bool = True
     leader_ttl_s: float = 10.0
+    client_fraction: float = 0.0  # > 0: select this share of live clients per round
+    adaptive_plans: bool = True
+    min_local_steps: int = 1
+    max_local_steps: int = 0  # 0: the plan's local_steps
+    plan_safety: float = 0.5
+    mode: str = "sync"
+    async_buffer: int = 0  # 0: clients_per_round
+    async_max_staleness: int = 4
 
     def __post_init__(self) -> None:
         if self.rounds < 1 or self.clients_per_round < 1:
             raise SettingsError("FEDQ_ROUNDS and FEDQ_CLIENTS_PER_ROUND must be at least 1")
+        if not 0 <= self.client_fraction <= 1:
+            raise SettingsError(f"FEDQ_CLIENT_FRACTION={self.client_fraction}: expected [0, 1]")
+        if self.max_local_steps and self.max_local_steps < self.min_local_steps:
+            raise SettingsError(
+                f"FEDQ_MAX_LOCAL_STEPS={self.max_local_steps} is below "
+                f"FEDQ_MIN_LOCAL_STEPS={self.min_local_steps}"
+            )
+        if not 0 < self.plan_safety <= 1:
+            raise SettingsError(f"FEDQ_PLAN_SAFETY={self.plan_safety}: expected (0, 1]")
+        if self.mode not in MODES:
+            raise SettingsError(f"FEDQ_MODE={self.mode!r}: expected one of {', '.join(MODES)}")
         if not 0 < self.quorum_fraction <= 1:
             raise SettingsError(f"FEDQ_QUORUM_FRACTION={self.quorum_fraction}: expected (0, 1]")
         if not 0 < self.delta < 1:
@@ -114,6 +151,22 @@ class CoordinatorSettings:
         """Clients that must have joined before round 1 opens."""
         return self.min_clients or self.clients_per_round
 
+    @property
+    def max_steps(self) -> int:
+        """Most local steps an adapted plan may ask for."""
+        return self.max_local_steps or max(self.plan.local_steps, self.min_local_steps)
+
+    @property
+    def buffer_size(self) -> int:
+        """Accepted updates that make one model version in asynchronous mode."""
+        return self.async_buffer or self.clients_per_round
+
+    def participants_for(self, live: int) -> int:
+        """How many of ``live`` clients a round selects."""
+        if self.client_fraction > 0:
+            return max(1, math.ceil(self.client_fraction * live))
+        return self.clients_per_round
+
     @classmethod
     def from_env(cls, env: EnvReader | None = None) -> CoordinatorSettings:
         """Read every ``FEDQ_*`` setting of the coordinator."""
@@ -128,7 +181,7 @@ class CoordinatorSettings:
                 local_steps=env.int("LOCAL_STEPS", 50, minimum=1),
                 learning_rate=env.float("LEARNING_RATE", 0.5, minimum=1e-9),
                 fedprox_mu=env.float("FEDPROX_MU", 0.0, minimum=0.0),
-                codec=env.str("CODEC", "blosc2", choices=("blosc2", "raw")),
+                codec=env.str("CODEC", "q8", choices=CODECS),
                 secure_rng=env.bool("SECURE_RNG", False),
             )
         except ValueError as exc:
@@ -157,6 +210,14 @@ class CoordinatorSettings:
             seed=env.int("SEED", 0, minimum=0),
             evaluate=env.bool("EVALUATE", True),
             leader_ttl_s=env.float("LEADER_TTL_S", 10.0, minimum=0.5, maximum=600),
+            client_fraction=env.float("CLIENT_FRACTION", 0.0, minimum=0.0, maximum=1.0),
+            adaptive_plans=env.bool("ADAPTIVE_PLANS", True),
+            min_local_steps=env.int("MIN_LOCAL_STEPS", 1, minimum=1),
+            max_local_steps=env.int("MAX_LOCAL_STEPS", 0, minimum=0),
+            plan_safety=env.float("PLAN_SAFETY", 0.5, minimum=0.01, maximum=1.0),
+            mode=env.str("MODE", "sync", choices=MODES),
+            async_buffer=env.int("ASYNC_BUFFER", 0, minimum=0),
+            async_max_staleness=env.int("ASYNC_MAX_STALENESS", 4, minimum=0),
         )
 
 

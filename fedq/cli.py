@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
+from fedq.admin_cli import add_dead_letters_parser, add_replay_parser
 from fedq.config import EnvReader, SettingsError
 from fedq.logs import setup_logging
 
@@ -75,15 +76,42 @@ def _parser() -> argparse.ArgumentParser:
     client.add_argument("--alpha", type=float, default=None)
     client.set_defaults(handler=_client)
 
-    privacy = sub.add_parser("privacy", help="ε for noise multipliers (the trade-off table)")
-    privacy.add_argument("--noise", type=float, nargs="+", default=[0.6, 0.8, 1.0, 1.5, 2.0])
-    privacy.add_argument("--sample-rate", type=float, default=0.01)
-    privacy.add_argument("--local-steps", type=int, default=50)
-    privacy.add_argument("--rounds", type=int, default=10)
-    privacy.add_argument("--delta", type=float, default=1e-5)
-    privacy.add_argument("--accountant", default="rdp", choices=("rdp", "prv"))
-    privacy.set_defaults(handler=_privacy)
+    privacy = sub.add_parser("privacy", help="privacy/accuracy trade-off: table or sweep")
+    privacy_sub = privacy.add_subparsers(dest="privacy_command", required=True)
+    table = privacy_sub.add_parser("table", help="ε for noise multipliers (accounting only)")
+    table.add_argument("--noise", type=float, nargs="+", default=[0.6, 0.8, 1.0, 1.5, 2.0])
+    table.add_argument("--sample-rate", type=float, default=0.01)
+    table.add_argument("--local-steps", type=int, default=50)
+    table.add_argument("--rounds", type=int, default=10)
+    table.add_argument("--delta", type=float, default=1e-5)
+    table.add_argument("--accountant", default="rdp", choices=("rdp", "prv"))
+    table.set_defaults(handler=_privacy)
+    _add_sweep_parser(privacy_sub)
+    add_dead_letters_parser(sub)
+    add_replay_parser(sub)
     return parser
+
+
+def _add_sweep_parser(privacy_sub: argparse._SubParsersAction) -> None:
+    sweep = privacy_sub.add_parser(
+        "sweep", help="train once per noise multiplier: ε and final accuracy, JSON and plot"
+    )
+    sweep.add_argument("--dataset", default="mnist", help="mnist, fashion-mnist or cifar10")
+    sweep.add_argument("--data-dir", default=None, help="data folder (env FEDQ_DATA_DIR)")
+    sweep.add_argument("--clients", type=int, default=10)
+    sweep.add_argument("--rounds", type=int, default=3)
+    sweep.add_argument("--noise", type=float, nargs="+", default=[0.8, 1.0, 1.5, 2.0])
+    sweep.add_argument("--dp-mode", default="sample", choices=("sample", "client"))
+    sweep.add_argument("--clip-norm", type=float, default=1.0)
+    sweep.add_argument("--local-steps", type=int, default=50)
+    sweep.add_argument("--batch-size", type=int, default=64)
+    sweep.add_argument("--learning-rate", type=float, default=0.5)
+    sweep.add_argument("--partition", default="iid", choices=("iid", "dirichlet"))
+    sweep.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration")
+    sweep.add_argument("--delta", type=float, default=1e-5)
+    sweep.add_argument("--seed", type=int, default=0)
+    sweep.add_argument("--out", default="privacy-sweep", help="folder for the JSON and PNG")
+    sweep.set_defaults(handler=_privacy_sweep)
 
 
 def _add_run_arguments(run: argparse.ArgumentParser) -> None:
@@ -109,6 +137,20 @@ def _add_run_arguments(run: argparse.ArgumentParser) -> None:
     run.add_argument("--amqp-url", default=None, help="RabbitMQ URL (env FEDQ_AMQP_URL)")
     run.add_argument("--redis-url", default=None, help="Redis URL (env FEDQ_REDIS_URL)")
     run.add_argument("--resume", action="store_true", help="continue the federation in Redis")
+    run.add_argument("--mode", default=None, choices=("sync", "async"), help="env FEDQ_MODE")
+    run.add_argument("--client-fraction", type=float, default=None, help="share selected")
+    run.add_argument(
+        "--speed-spread",
+        type=float,
+        default=0.0,
+        help="simulate slow clients: each trains a seeded 1 to 1+S times slower",
+    )
+    run.add_argument(
+        "--link-delay-ms",
+        type=float,
+        default=0.0,
+        help="simulate link latency: each client a seeded 0.5 to 1.5 times this, per transfer",
+    )
     run.add_argument(
         "--min-accuracy",
         type=float,
@@ -131,6 +173,8 @@ async def _run(args: argparse.Namespace) -> int:
     )
     if args.clients < 1 or args.workers < 1:
         raise SettingsError("--clients and --workers must be at least 1")
+    if args.speed_spread < 0 or args.link_delay_ms < 0:
+        raise SettingsError("--speed-spread and --link-delay-ms must be at least 0")
 
     mode = "RabbitMQ + Redis" if urls.amqp_url and urls.redis_url else "embedded queue/store"
     if bool(urls.amqp_url) != bool(urls.redis_url):
@@ -149,6 +193,8 @@ async def _run(args: argparse.Namespace) -> int:
         api_port=args.api_port,
         resume=args.resume,
         progress=sys.stdout,
+        speed_spread=args.speed_spread,
+        link_delay_ms=args.link_delay_ms,
     )
     summary = await run_federation(settings, urls, options)
     print_summary(summary, settings=settings, out=sys.stdout)
@@ -186,6 +232,8 @@ def _run_settings(args: argparse.Namespace) -> CoordinatorSettings:
         "epsilon_budget": args.epsilon_budget,
         "round_timeout_s": args.round_timeout,
         "seed": args.seed,
+        "mode": args.mode,
+        "client_fraction": args.client_fraction,
     }
     return replace(settings, plan=plan, **{k: v for k, v in changes.items() if v is not None})
 
@@ -207,6 +255,58 @@ async def _privacy(args: argparse.Namespace) -> int:
     )
     for row in rows:
         print(f"{row['noise_multiplier']:>8.3f} {row['epsilon']:>10.3f}")
+    return 0
+
+
+async def _privacy_sweep(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from coordinator.settings import CoordinatorSettings
+    from fedq.federation import FederationOptions
+    from fedq.plan import TrainingPlan
+    from fedq.sweep import run_sweep, table_header
+
+    if args.clients < 1 or args.rounds < 1:
+        raise SettingsError("--clients and --rounds must be at least 1")
+    try:
+        plans = [
+            TrainingPlan(
+                round=0,
+                dp_mode=args.dp_mode,
+                noise_multiplier=noise,
+                clip_norm=args.clip_norm,
+                batch_size=args.batch_size,
+                local_steps=args.local_steps,
+                learning_rate=args.learning_rate,
+            )
+            for noise in args.noise
+        ]
+    except ValueError as exc:
+        raise SettingsError(str(exc)) from exc
+
+    settings = CoordinatorSettings(
+        dataset=args.dataset,
+        data_dir=args.data_dir or os.environ.get("FEDQ_DATA_DIR", ""),
+        rounds=args.rounds,
+        clients_per_round=args.clients,
+        plan=plans[0],
+        delta=args.delta,
+        epsilon_budget=1e9,  # the sweep measures ε; no budget should stop a client
+        seed=args.seed,
+    )
+    options = FederationOptions(
+        clients=args.clients, workers=2, partition=args.partition, alpha=args.alpha
+    )
+    print(
+        f"fedq privacy sweep: {args.dataset}, {args.clients} clients, {args.rounds} rounds, "
+        f"DP {args.dp_mode}, δ={args.delta:g}, embedded queue/store",
+        flush=True,
+    )
+    print(table_header(), flush=True)
+    result = await run_sweep(
+        settings, args.noise, options=options, out_dir=Path(args.out), out=sys.stdout
+    )
+    print(f"wrote {result.json_path} and {result.plot_path}")
     return 0
 
 

@@ -18,8 +18,10 @@ from typing import Any, TextIO
 import numpy as np
 import torch
 
+from clients.capabilities import UploadMeter, measure
 from clients.client import FederatedClient, RoundOutcome
 from clients.connection import GatewayLink, RetryPolicy
+from clients.simulation import SimulatedConditions, conditions_for
 from clients.training import train_locally
 from coordinator.gateway import GatewayServer
 from coordinator.privacy import PrivacyLedger
@@ -27,7 +29,7 @@ from coordinator.rounds import RoundManager
 from coordinator.settings import CoordinatorSettings, GatewaySettings, ServiceUrls
 from fedq.datasets import load_dataset, partition
 from fedq.evaluation import evaluate
-from fedq.models import build_model, default_model_for, model_arrays
+from fedq.models import build_model, default_model_for, make_dp_compatible, model_arrays
 from fedq.queue import UpdateQueue, open_queue
 from fedq.state import PartialSumStore, RoundStore, connect_redis
 from fedq.state.rounds import reset_federation
@@ -52,6 +54,13 @@ class FederationOptions:
     resume: bool = False
     timeout_s: float = 3600.0
     progress: TextIO | None = None
+    probe: bool = True  # clients probe their speed and report it when they join
+    speed_spread: float = 0.0  # simulated slowdown of each client: seeded, in [1, 1 + spread]
+    link_delay_ms: float = 0.0  # simulated link delay: seeded, in [0.5, 1.5] × this
+
+    def __post_init__(self) -> None:
+        if self.speed_spread < 0 or self.link_delay_ms < 0:
+            raise ValueError("speed_spread and link_delay_ms must be >= 0")
 
 
 @dataclass
@@ -109,7 +118,12 @@ async def run_federation(
         if settings.evaluate
         else None,
     )
-    initial = model_arrays(build_model(model_name, seed=settings.seed))
+    initial_model = build_model(model_name, seed=settings.seed)
+    if settings.plan.dp_mode != "none":
+        # Clients train the DP-compatible variant (e.g. GroupNorm for BatchNorm), so the
+        # global weights must have its layout, not the factory's.
+        initial_model = make_dp_compatible(initial_model)
+    initial = model_arrays(initial_model)
     await manager.ensure_federation(model_name=model_name, initial=initial)
 
     gateway = GatewayServer(
@@ -196,6 +210,13 @@ def _make_clients(
         subset = torch.utils.data.TensorDataset(
             *(t[torch.from_numpy(indices)] for t in train.tensors)
         )
+        conditions = conditions_for(
+            i,
+            seed=settings.seed,
+            speed_spread=options.speed_spread,
+            link_delay_ms=options.link_delay_ms,
+        )
+        upload = UploadMeter()
         clients.append(
             FederatedClient(
                 client_id=f"client-{i:03d}",
@@ -203,9 +224,23 @@ def _make_clients(
                 num_examples=len(indices),
                 trainer=_trainer_for(subset),
                 executor=pool,
+                model_name=model_name,
+                probe=_probe_for(subset, upload, conditions) if options.probe else None,
+                upload=upload,
+                conditions=conditions if conditions != SimulatedConditions() else None,
+                continuous=settings.mode == "async",
             )
         )
     return clients
+
+
+def _probe_for(
+    data: torch.utils.data.TensorDataset, upload: UploadMeter, conditions: SimulatedConditions
+) -> Any:
+    def probe(model_name: str) -> Any:
+        return measure(model_name, data, upload=upload, slowdown=conditions.slowdown)
+
+    return probe
 
 
 def _trainer_for(data: torch.utils.data.TensorDataset) -> Any:

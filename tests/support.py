@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -68,7 +71,7 @@ async def start_stack(
         clients_per_round=len(clients),
         round_timeout_s=60,
         evaluate=False,
-        plan=TrainingPlan(round=0, dp_mode="none"),
+        plan=TrainingPlan(round=0, dp_mode="none", codec="blosc2"),
     )
     store, partials = RoundStore(redis), PartialSumStore(redis)
     ledger = PrivacyLedger(redis, delta=settings.delta, default_budget=settings.epsilon_budget)
@@ -167,3 +170,25 @@ async def submit(
         num_examples=num_examples,
     )
     return await stack.stub.SubmitUpdate(as_stream(chunks))
+
+
+def start_worker_process(redis_url: str, amqp_url: str, **env: str) -> subprocess.Popen[bytes]:
+    """A ``fedq worker`` process on the given services; ``env`` adds FEDQ_* settings."""
+    from tests.conftest import REPO_ROOT
+
+    environ = {
+        **os.environ,
+        "FEDQ_REDIS_URL": redis_url,
+        "FEDQ_AMQP_URL": amqp_url,
+        "FEDQ_WORKER_FLUSH_S": "0.05",
+        "FEDQ_METRICS_PORT": "0",
+        "PYTHONPATH": str(REPO_ROOT),
+        **env,
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "fedq.cli", "worker"],
+        env=environ,
+        cwd=REPO_ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )

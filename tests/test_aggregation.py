@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import subprocess
-import sys
 import time
 
 import numpy as np
@@ -17,8 +14,7 @@ from fedq.state.partials import SCALE_BITS, to_fixed_point
 from fedq.tasks import cancel_and_wait
 from fedq.tensors import ModelSpec
 from proto.codec import decode_tensors, encode_tensors
-from tests.conftest import REPO_ROOT
-from tests.support import start_stack, submit, update_for
+from tests.support import start_stack, start_worker_process, submit, update_for
 from workers import AggregationWorker, WorkerSettings
 
 CLIENTS = [f"c{i:02d}" for i in range(12)]
@@ -184,24 +180,6 @@ async def test_a_commit_refuses_update_ids_already_counted(redis):
     assert store is not None
 
 
-def _start_worker(redis_url: str, amqp_url: str) -> subprocess.Popen[bytes]:
-    env = {
-        **os.environ,
-        "FEDQ_REDIS_URL": redis_url,
-        "FEDQ_AMQP_URL": amqp_url,
-        "FEDQ_WORKER_BATCH_UPDATES": "2",
-        "FEDQ_WORKER_FLUSH_S": "0.05",
-        "PYTHONPATH": str(REPO_ROOT),
-    }
-    return subprocess.Popen(
-        [sys.executable, "-m", "fedq.cli", "worker"],
-        env=env,
-        cwd=REPO_ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-
-
 async def test_sigkill_of_a_worker_mid_round_loses_nothing_and_counts_nothing_twice(
     redis, queue, redis_url, amqp_url
 ):
@@ -212,7 +190,7 @@ async def test_sigkill_of_a_worker_mid_round_loses_nothing_and_counts_nothing_tw
     for i, (c, u) in enumerate(updates.items()):
         await submit(stack, c, u, update_id=f"{c}-r1", num_examples=_examples(i))
 
-    victim = _start_worker(redis_url, amqp_url)
+    victim = start_worker_process(redis_url, amqp_url, FEDQ_WORKER_BATCH_UPDATES="2")
     survivor = None
     try:
         deadline = time.monotonic() + 60
@@ -224,7 +202,7 @@ async def test_sigkill_of_a_worker_mid_round_loses_nothing_and_counts_nothing_tw
         aggregated_at_kill = int(await redis.hget("fedq:round:{1}", "aggregated"))
         assert aggregated_at_kill < len(clients), "kill came after all updates were counted"
 
-        survivor = _start_worker(redis_url, amqp_url)
+        survivor = start_worker_process(redis_url, amqp_url, FEDQ_WORKER_BATCH_UPDATES="2")
         while len(await stack.partials.applied_ids(1)) < len(clients):
             assert time.monotonic() < deadline + 60, "updates were lost"
             await asyncio.sleep(0.1)

@@ -29,8 +29,11 @@ BAD = [
 ]
 
 
-@pytest.mark.parametrize(("settings", "environ", "message"), BAD,
-                         ids=[next(iter(e)) + "=" + next(iter(e.values())) for _, e, _ in BAD])
+@pytest.mark.parametrize(
+    ("settings", "environ", "message"),
+    BAD,
+    ids=[next(iter(e)) + "=" + next(iter(e.values())) for _, e, _ in BAD],
+)
 def test_an_invalid_value_names_the_variable_and_what_was_expected(settings, environ, message):
     with pytest.raises(SettingsError) as caught:
         settings.from_env(EnvReader(environ))
@@ -56,17 +59,35 @@ def test_secrets_do_not_appear_in_reprs():
 
 def test_a_client_partition_outside_the_partitions_is_refused():
     with pytest.raises(SettingsError, match="partition index 3 is outside 0..1"):
-        ClientSettings.from_env(EnvReader({"FEDQ_CLIENT_ID": "c", "FEDQ_CLIENT_PARTITIONS": "2",
-                                           "FEDQ_CLIENT_PARTITION_INDEX": "3"}))
+        ClientSettings.from_env(
+            EnvReader(
+                {
+                    "FEDQ_CLIENT_ID": "c",
+                    "FEDQ_CLIENT_PARTITIONS": "2",
+                    "FEDQ_CLIENT_PARTITION_INDEX": "3",
+                }
+            )
+        )
 
 
 @pytest.mark.parametrize("service", ["worker", "gateway", "coordinator"])
 def test_a_service_with_a_bad_setting_exits_at_start_naming_the_variable(service):
-    env = {**os.environ, "FEDQ_WORKER_BATCH_UPDATES": "lots", "FEDQ_GRPC_PORT": "x",
-           "FEDQ_ROUNDS": "-2", "PYTHONPATH": str(REPO_ROOT)}
+    env = {
+        **os.environ,
+        "FEDQ_WORKER_BATCH_UPDATES": "lots",
+        "FEDQ_GRPC_PORT": "x",
+        "FEDQ_ROUNDS": "-2",
+        "PYTHONPATH": str(REPO_ROOT),
+    }
 
-    done = subprocess.run([sys.executable, "-m", "fedq.cli", service], env=env, cwd=REPO_ROOT,
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "fedq.cli", service],
+        env=env,
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
     assert done.returncode == 2
     assert "configuration error: FEDQ_" in done.stderr
@@ -76,8 +97,14 @@ def test_a_standalone_service_without_urls_says_what_to_set():
     env = {k: v for k, v in os.environ.items() if not k.startswith("FEDQ_")}
     env["PYTHONPATH"] = str(REPO_ROOT)
 
-    done = subprocess.run([sys.executable, "-m", "fedq.cli", "worker"], env=env, cwd=REPO_ROOT,
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "fedq.cli", "worker"],
+        env=env,
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
     assert done.returncode == 2
     assert "FEDQ_AMQP_URL and FEDQ_REDIS_URL must be set" in done.stderr

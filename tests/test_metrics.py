@@ -40,8 +40,10 @@ def _scrape(port: int) -> dict[str, float]:
 
 async def test_gateway_counters_follow_accepted_and_rejected_updates(redis, queue):
     stack = await start_stack(redis, queue, clients=["a", "b"])
-    accepted, rejected = _sample("fedq_updates_accepted_total"), _sample(
-        "fedq_updates_rejected_total", reason="auth")
+    accepted, rejected = (
+        _sample("fedq_updates_accepted_total"),
+        _sample("fedq_updates_rejected_total", reason="auth"),
+    )
     try:
         await submit(stack, "a", update_for(stack.initial, seed=1), update_id="a-1")
         stack.tokens["b"] = "wrong"
@@ -58,11 +60,21 @@ async def test_a_worker_process_serves_metrics_that_count_its_commits(
     redis, queue, redis_url, amqp_url
 ):
     port = _free_port()
-    env = {**os.environ, "FEDQ_REDIS_URL": redis_url, "FEDQ_AMQP_URL": amqp_url,
-           "FEDQ_METRICS_PORT": str(port), "FEDQ_WORKER_FLUSH_S": "0.05",
-           "PYTHONPATH": str(REPO_ROOT)}
-    worker = subprocess.Popen([sys.executable, "-m", "fedq.cli", "worker"], env=env,
-                              cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {
+        **os.environ,
+        "FEDQ_REDIS_URL": redis_url,
+        "FEDQ_AMQP_URL": amqp_url,
+        "FEDQ_METRICS_PORT": str(port),
+        "FEDQ_WORKER_FLUSH_S": "0.05",
+        "PYTHONPATH": str(REPO_ROOT),
+    }
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "fedq.cli", "worker"],
+        env=env,
+        cwd=REPO_ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     stack = await start_stack(redis, queue, clients=["a", "b", "c"])
     try:
         before = await _scrape_when_up(port)

@@ -21,7 +21,6 @@ from proto import fedq_v1_pb2 as pb
 from proto import fedq_v1_pb2_grpc as pb_grpc
 from tests.support import start_stack
 
-
 _SETTINGS = CoordinatorSettings(
     rounds=1, clients_per_round=1, evaluate=False, plan=TrainingPlan(round=0, dp_mode="none")
 )

@@ -6,6 +6,13 @@ the batch's update ids in one atomic step, and only then ack the batch's message
 A worker killed before the commit loses nothing (the broker redelivers); one killed
 after it counts nothing twice (the ids are recorded with the sum, and the commit of
 whoever gets the redelivery refuses them).
+
+An update split into several messages (see ``fedq.state.parts``) is gathered in
+Redis part by part; the worker whose part completes it decodes it and treats that
+part's message as the update's delivery. Decoding goes tensor by tensor straight
+into the update's int64 fixed-point vector, so a worker holds the compressed
+payload, one decoded tensor and the fixed-point vectors, never a float64 copy of
+the whole update.
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ import os
 import socket
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import redis.asyncio as aioredis
@@ -25,11 +32,13 @@ from fedq import metrics
 from fedq.queue import Delivery, UpdateQueue
 from fedq.queue.message import MessageError, QueuedUpdate
 from fedq.state import PartialSumStore, RoundStore
-from fedq.state.partials import to_fixed_point
+from fedq.state.partials import fill_fixed_point
+from fedq.state.parts import PartStash
 from fedq.tasks import cancel_and_wait
 from fedq.tensors import ModelSpec
-from proto.codec import CodecError, decode_tensors, validate_update
+from proto.codec import CodecError, iter_tensors, validate_tensor
 from workers.settings import WorkerSettings
+from workers.weights import staleness_weight, work_weight
 
 __all__ = ["AggregationWorker"]
 
@@ -44,6 +53,7 @@ class _Pending:
     fixed: np.ndarray
     examples: int
     delivery: Delivery
+    digest: str = ""  # set for an update gathered from parts: its parts hash to discard
 
 
 @dataclass
@@ -74,12 +84,14 @@ class AggregationWorker:
         self._queue = queue
         self._rounds = RoundStore(redis)
         self._partials = PartialSumStore(redis)
+        self._stash = PartStash(redis)
         self._settings = settings
         self.worker_id = name or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._spec: ModelSpec | None = None
         self._batches: dict[int, _RoundBatch] = {}
         self._lock = asyncio.Lock()
         self.committed_updates = 0
+        self._planned: dict[tuple[int, str], int] = {}
 
     async def run(self) -> None:
         """Consume until cancelled; unsettled messages return to the queue."""
@@ -131,6 +143,12 @@ class AggregationWorker:
         except MessageError as exc:
             await self._dead_letter(delivery, f"undecodable message: {exc}")
             return
+        if update.parts > 1:
+            gathered = await self._gather(update, delivery)
+            if gathered is None:
+                return
+            update = gathered
+        update = await self._weighted(update)
 
         spec = await self._model_spec()
         try:
@@ -150,7 +168,9 @@ class AggregationWorker:
                 return
             if not batch.pending:
                 batch.first_at = time.monotonic()
-            batch.pending.append(_Pending(update.update_id, fixed, update.num_examples, delivery))
+            batch.pending.append(
+                _Pending(update.update_id, fixed, update.num_examples, delivery, update.digest)
+            )
             batch.pending_bytes += fixed.nbytes
             if (
                 len(batch.pending) >= self._settings.batch_updates
@@ -158,10 +178,76 @@ class AggregationWorker:
             ):
                 await self._flush(batch)
 
+    async def _gather(self, update: QueuedUpdate, delivery: Delivery) -> QueuedUpdate | None:
+        """Store one part; the whole update once this part completes it, else ``None``."""
+        if await self._partials.already_applied(update.round, [update.update_id]):
+            await delivery.ack()  # a late copy of a part of an update already counted
+            return None
+        held = await self._stash.store(
+            update.round,
+            update.update_id,
+            digest=update.digest,
+            part=update.part,
+            data=update.payload,
+        )
+        if held < update.parts:
+            await delivery.ack()  # the part is safe in Redis; the completing one stays unacked
+            return None
+
+        payload = await self._stash.assemble(
+            update.round, update.update_id, digest=update.digest, parts=update.parts
+        )
+        if payload is None:
+            await self._dead_letter(
+                delivery,
+                f"round {update.round}: update {update.update_id}: parts do not match its digest",
+            )
+            return None
+        log.debug("round %d: gathered %d parts of %s", update.round, update.parts, update.update_id)
+        return replace(update, payload=payload, part=0, parts=1)
+
+    async def _weighted(self, update: QueuedUpdate) -> QueuedUpdate:
+        """The update with its integer weight (see ``workers.weights``) as its examples."""
+        weight = update.num_examples
+        base = update.base_version or update.round
+        if update.steps > 0:
+            planned = await self._planned_steps(base, update.client_id)
+            weight = work_weight(weight, steps_done=update.steps, planned_steps=planned)
+        weight = staleness_weight(weight, staleness=update.round - base)
+        if weight == update.num_examples:
+            return update
+        log.debug("round %d: update %s weighs %d", update.round, update.update_id, weight)
+        return replace(update, num_examples=weight)
+
+    async def _planned_steps(self, round_id: int, client_id: str) -> int:
+        key = (round_id, client_id)
+        if key not in self._planned:
+            plan = await self._rounds.plan_for(round_id, client_id)
+            if len(self._planned) > 100_000:
+                self._planned.clear()
+            self._planned[key] = plan.local_steps if plan is not None else 0
+        return self._planned[key]
+
     def _to_fixed_point(self, update: QueuedUpdate, spec: ModelSpec) -> np.ndarray:
-        tensors = decode_tensors(update.payload, max_bytes=spec.update_nbytes, expected=spec)
-        validate_update(tensors, spec, max_abs_value=self._settings.max_abs_value)
-        return to_fixed_point(spec.flatten_update(tensors), update.num_examples)
+        trainable = {t.name: t for t in spec.trainable}
+        offsets, start = {}, 0
+        for t in spec.trainable:
+            offsets[t.name], start = start, start + t.size
+
+        fixed = np.empty(spec.update_size, dtype=np.int64)
+        seen = set()
+        tensors = iter_tensors(update.payload, max_bytes=spec.update_nbytes, expected=spec)
+        for name, array in tensors:
+            t = trainable[name]
+            validate_tensor(name, array, t, max_abs_value=self._settings.max_abs_value)
+            begin = offsets[name]
+            fill_fixed_point(fixed[begin : begin + t.size], array.reshape(-1), update.num_examples)
+            seen.add(name)
+
+        missing = sorted(set(trainable) - seen)
+        if missing:
+            raise CodecError(f"update lacks tensors {missing[:5]} of the model")
+        return fixed
 
     async def _flush_on_time(self) -> None:
         while True:
@@ -215,6 +301,7 @@ class AggregationWorker:
             )
             for p in done:
                 await p.delivery.ack()
+            await self._discard_parts(batch.round, done)
             self.committed_updates += len(done)
             metrics.UPDATES_AGGREGATED.inc(len(done))
             metrics.AGGREGATION_SECONDS.observe(time.monotonic() - started)
@@ -222,9 +309,16 @@ class AggregationWorker:
                 "round %d: worker %s committed %d updates", batch.round, self.worker_id, len(done)
             )
 
+    async def _discard_parts(self, round_id: int, settled: list[_Pending]) -> None:
+        # Best effort: a hash left behind by a crash here expires on its own.
+        for p in settled:
+            if p.digest:
+                await self._stash.discard(round_id, p.update_id, digest=p.digest)
+
     async def _settle_known(self, batch: _RoundBatch, known: set[str]) -> None:
         if not known:
             return
+        await self._discard_parts(batch.round, [p for p in batch.pending if p.update_id in known])
         for p in [p for p in batch.pending if p.update_id in known]:
             log.info(
                 "round %d: update %s already counted; acking the redelivery",

@@ -1,8 +1,9 @@
 """The REST API and dashboard of the coordinator as a Quart app.
 
 Routes live in blueprints: ``rounds`` (federation, rounds), ``model`` (metadata and
-downloads), ``privacy`` (clients, budgets, ε trade-offs) and ``ops`` (health,
-readiness, queue, metrics). Every error is JSON ``{"error": message}``.
+downloads), ``privacy`` (clients, budgets, ε trade-offs), ``ops`` (health,
+readiness, queue, metrics) and ``deadletters`` (inspect, requeue, purge). Every
+error is JSON ``{"error": message}``.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from quart import Quart, Response, request
 from redis.exceptions import RedisError
 from werkzeug.exceptions import HTTPException
 
-from coordinator.api import model, ops, privacy, rounds
+from coordinator.api import deadletters, model, ops, privacy, rounds
 from coordinator.api.context import ApiContext
 from coordinator.api.errors import ApiError
 from coordinator.privacy import LedgerUnavailableError, PrivacyLedger
@@ -46,7 +47,13 @@ def create_app(
     app.json.sort_keys = False  # keep fields in the order the handlers build them
     ApiContext(store=store, ledger=ledger, queue=queue, settings=settings).attach(app)
 
-    for blueprint in (rounds.blueprint, model.blueprint, privacy.blueprint, ops.blueprint):
+    for blueprint in (
+        rounds.blueprint,
+        model.blueprint,
+        privacy.blueprint,
+        ops.blueprint,
+        deadletters.blueprint,
+    ):
         app.register_blueprint(blueprint)
     app.add_url_rule("/", "dashboard", _dashboard, methods=["GET"])
 

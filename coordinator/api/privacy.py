@@ -66,7 +66,7 @@ async def client_privacy(client_id: str) -> dict[str, Any]:
 async def set_budget(client_id: str) -> dict[str, Any]:
     """Give a client its own ε budget (admin)."""
     require_admin()
-    eps = _budget_from(await request.get_data(as_text=True))
+    eps = _budget_from(await request.get_data())  # bytes: a body need not be UTF-8
     await _require_known(client_id)
 
     await api_context().ledger.set_budget(client_id, eps)
@@ -162,11 +162,11 @@ async def _require_known(client_id: str) -> None:
     raise NotFoundError(f"client {client_id!r} is not registered")
 
 
-def _budget_from(body: str) -> float:
+def _budget_from(body: bytes | str) -> float:
     """The ε of a ``{"epsilon": <number > 0>}`` body."""
     try:
         payload = json.loads(body)
-    except ValueError:
+    except ValueError:  # UnicodeDecodeError too
         raise BadRequestError('body must be JSON like {"epsilon": 8.0}') from None
     if not isinstance(payload, dict) or "epsilon" not in payload:
         raise BadRequestError('body must be a JSON object with "epsilon", like {"epsilon": 8.0}')

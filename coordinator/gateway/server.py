@@ -59,12 +59,22 @@ class GatewayServer:
         """Bind and serve; returns the port (useful with port 0)."""
         self._server = grpc.aio.server(options=GRPC_OPTIONS)
         pb_grpc.add_FederationServicer_to_server(self.servicer, self._server)
-        self.port = self._server.add_insecure_port(f"{self._settings.host}:{self._settings.port}")
+        address = f"{self._settings.host}:{self._settings.port}"
+        tls = self._settings.tls
+        if tls.enabled:
+            self.port = self._server.add_secure_port(address, tls.credentials())
+        else:
+            self.port = self._server.add_insecure_port(address)
         if self.port == 0:
             raise OSError(f"cannot bind gRPC on {self._settings.host}:{self._settings.port}")
         await self._server.start()
         self._watch_task = asyncio.create_task(self.watcher.run(), name="round-watcher")
-        log.info("gateway listening on %s:%d", self._settings.host, self.port)
+        log.info(
+            "gateway listening on %s:%d (%s)",
+            self._settings.host,
+            self.port,
+            "mutual TLS" if tls.client_ca else "TLS" if tls.enabled else "plaintext",
+        )
         return self.port
 
     async def stop(self, *, grace_s: float = 5.0) -> None:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
+import math
 import re
 import time
 from collections.abc import AsyncIterator
@@ -11,6 +13,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 from redis.exceptions import RedisError
 
 from coordinator.errors import (
@@ -33,10 +36,11 @@ from fedq.plan import TrainingPlan
 from fedq.queue import QueueUnavailableError, UpdateQueue
 from fedq.queue.message import QueuedUpdate
 from fedq.state import RoundStore, StoreUnavailableError
+from fedq.state.versions import AsyncVersions
 from fedq.tensors import ModelSpec
 from proto import fedq_v1_pb2 as pb
 from proto import fedq_v1_pb2_grpc as pb_grpc
-from proto.codec import CodecError, decode_tensors, validate_update
+from proto.codec import CodecError, iter_tensors, validate_tensor
 
 __all__ = ["FederationServicer", "plan_to_proto"]
 
@@ -44,6 +48,7 @@ log = logging.getLogger(__name__)
 
 _CLIENT_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _WATCH_HEARTBEAT_S = 15.0
+_MESSAGE_SLACK_BYTES = 4096  # ids, headers and msgpack framing around a payload slice
 
 
 class FederationServicer(pb_grpc.FederationServicer):
@@ -65,6 +70,8 @@ class FederationServicer(pb_grpc.FederationServicer):
         self._ledger = ledger
         self._spec: ModelSpec | None = None
         self._models: dict[int, tuple[bytes, str]] = {}
+        self._mode: tuple[str, int] | None = None  # (mode, max staleness); fixed per federation
+        self._versions = AsyncVersions(store.redis)
 
     # -- Join -------------------------------------------------------------------------------
 
@@ -144,7 +151,8 @@ class FederationServicer(pb_grpc.FederationServicer):
             metrics.UPDATES_RECEIVED.inc()
             await self._authenticate(header.client_id, header.token)
 
-            if await self._store.is_accepted(header.round, header.update_id):
+            asynchronous = await self._asynchronous()
+            if await self._is_duplicate(header, asynchronous=asynchronous):
                 log.info(
                     "round %d: update %s from %s is a duplicate",
                     header.round,
@@ -156,7 +164,11 @@ class FederationServicer(pb_grpc.FederationServicer):
                     update_id=header.update_id,
                     message="already accepted",
                 )
-            await self._check_admissible(header)
+            if asynchronous:
+                into = await self._check_admissible_async(header)
+            else:
+                await self._check_admissible(header)
+                into = header.round
 
             spec = await self._model_spec()
             payload = await read_payload(
@@ -166,7 +178,7 @@ class FederationServicer(pb_grpc.FederationServicer):
                 None, self._check_tensors, payload, spec
             )
 
-            await self._enqueue(header, payload)
+            await self._enqueue(header, payload, into=into, asynchronous=asynchronous)
             metrics.UPDATES_ACCEPTED.inc()
             log.info(
                 "round %d: accepted update %s from %s (%d examples, %d bytes)",
@@ -230,6 +242,63 @@ class FederationServicer(pb_grpc.FederationServicer):
         if not await self._store.check_token(client_id, token):
             raise AuthError("unknown client or invalid token; call Join again")
 
+    async def _asynchronous(self) -> bool:
+        if self._mode is None:
+            federation = await self._store.federation()
+            if federation is None:
+                return False
+            self._mode = (federation.mode, federation.max_staleness)
+        return self._mode[0] == "async"
+
+    async def _is_duplicate(self, header: pb.UpdateHeader, *, asynchronous: bool) -> bool:
+        if asynchronous:
+            return await self._versions.version_of(header.update_id) is not None
+        return await self._store.is_accepted(header.round, header.update_id)
+
+    async def _check_admissible_async(self, header: pb.UpdateHeader) -> int:
+        """Check an update of asynchronous mode; returns the open version it goes into.
+
+        ``header.round`` is the version the update was trained on. It must have been
+        handed to this client, and lag the open version by at most the federation's
+        maximum staleness.
+        """
+        assert self._mode is not None
+        max_staleness = self._mode[1]
+        federation = await self._store.federation()
+        version = federation.current_round if federation else 0
+        status = await self._store.round_status(version) if version else None
+        if status != "open":
+            # Between two versions (the last one is being aggregated): a moment's wait.
+            raise UnavailableError(f"no model version is open right now ({status}); retry")
+        if not 1 <= header.round <= version:
+            raise RoundStateError(f"version {header.round} does not exist")
+        if version - header.round > max_staleness:
+            raise RoundStateError(
+                f"update trained on version {header.round} is too stale: version {version} "
+                f"is open and updates at most {max_staleness} versions behind are taken"
+            )
+
+        if await self._store.plan_for(header.round, header.client_id) is None:
+            raise NotParticipantError(
+                f"client {header.client_id} was not handed version {header.round}"
+            )
+        await self._check_budget(header.client_id)
+        if header.num_examples > self._settings.max_examples:
+            raise InvalidUpdateError(
+                f"num_examples {header.num_examples} exceeds {self._settings.max_examples}"
+            )
+        return version
+
+    async def _check_budget(self, client_id: str) -> None:
+        if self._ledger is None:
+            return
+        spent = await self._ledger.spent(client_id)
+        budget = await self._ledger.budget(client_id)
+        if spent > budget + 1e-9:
+            raise BudgetExhaustedError(
+                f"privacy budget exhausted: ε spent {spent:.3f} of {budget:.3f} allowed"
+            )
+
     async def _check_admissible(self, header: pb.UpdateHeader) -> None:
         status = await self._store.round_status(header.round)
         if status is None:
@@ -245,13 +314,7 @@ class FederationServicer(pb_grpc.FederationServicer):
             raise NotParticipantError(
                 f"client {header.client_id} is not a participant of round {header.round}"
             )
-        if self._ledger is not None:
-            spent = await self._ledger.spent(header.client_id)
-            budget = await self._ledger.budget(header.client_id)
-            if spent > budget + 1e-9:
-                raise BudgetExhaustedError(
-                    f"privacy budget exhausted: ε spent {spent:.3f} of {budget:.3f} allowed"
-                )
+        await self._check_budget(header.client_id)
 
         earlier = await self._store.submission_of(header.round, header.client_id)
         if earlier is not None and earlier != header.update_id:
@@ -265,31 +328,62 @@ class FederationServicer(pb_grpc.FederationServicer):
             )
 
     def _check_tensors(self, payload: bytes, spec: ModelSpec) -> None:
+        """Decode and check one tensor at a time: one decoded tensor alive at once."""
+        trainable = {t.name: t for t in spec.trainable}
+        seen = set()
         try:
-            tensors = decode_tensors(payload, max_bytes=spec.update_nbytes, expected=spec)
-            validate_update(tensors, spec, max_abs_value=self._settings.max_abs_value)
+            for name, array in iter_tensors(payload, max_bytes=spec.update_nbytes, expected=spec):
+                validate_tensor(
+                    name, array, trainable[name], max_abs_value=self._settings.max_abs_value
+                )
+                seen.add(name)
         except CodecError as exc:
             raise InvalidUpdateError(str(exc)) from exc
+        missing = sorted(set(trainable) - seen)
+        if missing:
+            raise InvalidUpdateError(f"update lacks tensors {missing[:5]} of the model")
 
-    async def _enqueue(self, header: pb.UpdateHeader, payload: bytes) -> None:
-        message = QueuedUpdate(
-            update_id=header.update_id,
-            round=header.round,
-            client_id=header.client_id,
-            num_examples=header.num_examples,
-            codec=header.codec,
-            payload=payload,
-            accepted_at=time.time(),
-        )
+    async def _enqueue(
+        self, header: pb.UpdateHeader, payload: bytes, *, into: int, asynchronous: bool
+    ) -> None:
+        """Publish the update into round ``into``: one message, or parts when it is larger."""
+        step = self._settings.max_message_bytes - _MESSAGE_SLACK_BYTES
+        parts = max(1, -(-len(payload) // step))
+        digest = hashlib.sha256(payload).hexdigest() if parts > 1 else ""
+        view = memoryview(payload)
+        accepted_at = time.time()
         try:
-            await self._queue.publish(
-                message.encode(), message_id=header.update_id, headers={"round": header.round}
-            )
+            # In order and one at a time: each part waits for its confirm, and the client
+            # hears "accepted" only after the last one. A retry after a failure here
+            # republishes every part; workers store parts idempotently.
+            for part in range(parts):
+                message = QueuedUpdate(
+                    update_id=header.update_id,
+                    round=into,
+                    client_id=header.client_id,
+                    num_examples=header.num_examples,
+                    codec=header.codec,
+                    payload=view[part * step : (part + 1) * step],  # type: ignore[arg-type]
+                    accepted_at=accepted_at,
+                    part=part,
+                    parts=parts,
+                    digest=digest,
+                    steps=_steps_done(header),
+                    base_version=header.round if asynchronous else 0,
+                )
+                headers = {"round": into, "update_id": header.update_id}
+                if parts > 1:
+                    headers.update(part=part, parts=parts)
+                await self._queue.publish(
+                    message.encode(), message_id=header.update_id, headers=headers
+                )
         except QueueUnavailableError as exc:
             raise UnavailableError(f"update not queued, please retry: {exc}") from exc
         await self._store.record_accepted(
-            header.round, client_id=header.client_id, update_id=header.update_id
+            into, client_id=header.client_id, update_id=header.update_id
         )
+        if asynchronous:
+            await self._versions.mark(header.update_id, into)
 
     async def _model_spec(self) -> ModelSpec:
         if self._spec is None:
@@ -318,6 +412,14 @@ class FederationServicer(pb_grpc.FederationServicer):
         return found
 
 
+def _steps_done(header: pb.UpdateHeader) -> int:
+    """Local steps the client reports in ``metrics["steps"]``; 0 when absent or invalid."""
+    steps = header.metrics.get("steps", 0.0)
+    if not math.isfinite(steps) or steps < 1:
+        return 0
+    return int(min(steps, 1e9))
+
+
 def plan_to_proto(plan: TrainingPlan) -> pb.TrainingPlan:
     """Protobuf form of a training plan."""
     return pb.TrainingPlan(**plan.to_dict())
@@ -336,6 +438,14 @@ async def _as_grpc_status(context: grpc.aio.ServicerContext, rpc: str) -> AsyncI
         await context.abort(code, message)
     except (asyncio.CancelledError, grpc.aio.AbortError):
         raise
+    except DecodeError as exc:
+        # A client stream's messages are parsed only as the handler reads them.
+        log.warning("%s refused (INVALID_ARGUMENT): %s", rpc, exc)
+        if rpc == "SubmitUpdate":
+            metrics.UPDATES_REJECTED.labels(reason="invalid").inc()
+        await context.abort(
+            grpc.StatusCode.INVALID_ARGUMENT, f"malformed {rpc} message: it does not parse"
+        )
     except (RedisError, StoreUnavailableError, LedgerUnavailableError, OSError) as exc:
         log.warning("%s: store unavailable: %s", rpc, exc)
         if rpc == "SubmitUpdate":

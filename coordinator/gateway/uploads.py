@@ -49,8 +49,12 @@ async def read_header(stream: AsyncIterator[pb.UpdateChunk]) -> pb.UpdateHeader:
 
 async def read_payload(
     stream: AsyncIterator[pb.UpdateChunk], header: pb.UpdateHeader, *, max_bytes: int
-) -> bytes:
-    """Receive the declared payload and check it against the trailer's checksum."""
+) -> bytearray:
+    """Receive the declared payload and check it against the trailer's checksum.
+
+    The receive buffer itself is returned (no copy): for a large model it is the
+    biggest object the gateway holds.
+    """
     if header.total_size == 0:
         raise InvalidUpdateError("header.total_size must be > 0")
     if header.total_size > max_bytes:
@@ -79,7 +83,13 @@ async def read_payload(
             f"upload truncated: received {len(buffer)} of {header.total_size} bytes"
             + ("" if trailer is None else " before the trailer")
         )
+    # The trailer ends an upload: a client that sends more is out of step with the protocol.
+    extra = await anext(aiter(stream), None)
+    if extra is not None:
+        raise InvalidUpdateError(
+            f"unexpected {extra.WhichOneof('part') or 'empty'} message after the trailer"
+        )
     digest = hashlib.sha256(buffer).hexdigest()
     if digest != trailer.sha256.lower():
         raise IntegrityError(f"checksum mismatch: payload sha256 is {digest[:16]}…")
-    return bytes(buffer)
+    return buffer

@@ -9,7 +9,7 @@ import numpy as np
 from fedq.state.partials import RoundSum
 from fedq.tensors import ModelSpec
 
-__all__ = ["apply_mean_update"]
+__all__ = ["apply_flat_update", "apply_mean_update"]
 
 
 def apply_mean_update(
@@ -20,7 +20,14 @@ def apply_mean_update(
     The mean is computed in float64 from the exact integer sum and cast back to each
     tensor's dtype, so equal sums always give bit-identical models.
     """
-    mean = spec.unflatten_update(round_sum.mean_update())
+    return apply_flat_update(global_arrays, spec, round_sum.mean_update())
+
+
+def apply_flat_update(
+    global_arrays: Mapping[str, np.ndarray], spec: ModelSpec, flat_update: np.ndarray
+) -> dict[str, np.ndarray]:
+    """New global model: old weights plus a flat float64 update of the trainable tensors."""
+    mean = spec.unflatten_update(flat_update)
 
     out: dict[str, np.ndarray] = {}
     for t in spec.tensors:

@@ -23,10 +23,12 @@ from redis.exceptions import RedisError
 
 from coordinator.rounds.aggregation import apply_mean_update
 from coordinator.rounds.leader import LeaderLease
+from coordinator.rounds.plans import PlanLimits, fit_plan
 from coordinator.rounds.selection import plan_for_client, select_participants
 from coordinator.settings import CoordinatorSettings
 from fedq import metrics
 from fedq.state import PartialSumStore, RoundRecord, RoundStore, StoreUnavailableError
+from fedq.state.participation import SelectionCounts
 from fedq.state.rounds import (
     ABANDONED,
     CLOSING,
@@ -72,6 +74,7 @@ class RoundManager:
         self._renewer: asyncio.Task[None] | None = None
         self._poll_s = poll_s
         self._evaluations: dict[int, asyncio.Task[None]] = {}
+        self._selections = SelectionCounts(store.redis)
         self._last_wait_log = 0.0
 
     async def ensure_federation(
@@ -83,6 +86,8 @@ class RoundManager:
             dataset=self._settings.dataset,
             spec=ModelSpec.from_arrays(initial),
             total_rounds=self._settings.rounds,
+            mode=self._settings.mode,
+            max_staleness=self._settings.async_max_staleness,
         )
         created = await self._store.init_federation(record, initial_model=encode_tensors(initial))
         federation = await self._store.federation()
@@ -209,6 +214,7 @@ class RoundManager:
                 deadline=deadline,
                 seed=self._settings.seed,
             )
+            plan = self._fit(plan, client, federation, budget_s=deadline - now)
             affordable, would_reach = await self._affordable(client.client_id, plan)
             if affordable:
                 plans[client.client_id] = plan
@@ -222,11 +228,14 @@ class RoundManager:
                     client.client_id,
                     excluded[client.client_id],
                 )
+        candidates = [c for c in live if c.client_id in plans]
+        asynchronous = self._settings.mode == "async"
         chosen = select_participants(
-            [c for c in live if c.client_id in plans],
-            count=self._settings.clients_per_round,
+            candidates,
+            count=len(candidates) if asynchronous else self._settings.participants_for(len(live)),
             round_id=round_id,
             seed=self._settings.seed,
+            counts=await self._selections.counts(c.client_id for c in candidates),
         )
         if not chosen:
             await self._store.set_progress(current_round=round_id - 1, status="finished")
@@ -239,7 +248,46 @@ class RoundManager:
                 await self._ledger.charge(client_id, plan)
         await self._store.put_exclusions(round_id, excluded)
         await self._store.put_plans(round_id, chosen_plans)
-        await self._open(round_id, chosen_plans, deadline=deadline, opened_at=now)
+        await self._selections.record(round_id, chosen_plans)
+        # Asynchronous mode: a version closes after ``buffer_size`` accepted updates from
+        # any of its participants, or at its deadline with at least one.
+        target = self._settings.buffer_size if asynchronous else None
+        await self._open(
+            round_id,
+            chosen_plans,
+            deadline=deadline,
+            opened_at=now,
+            target=target,
+            quorum=1 if asynchronous else None,
+        )
+
+    def _fit(self, plan: Any, client: Any, federation: FederationRecord, *, budget_s: float) -> Any:
+        """The plan with the local steps that fit the round's deadline at the client's speed."""
+        if not self._settings.adaptive_plans:
+            return plan
+        limits = PlanLimits(
+            min_steps=self._settings.min_local_steps,
+            max_steps=self._settings.max_steps,
+            safety=self._settings.plan_safety,
+        )
+        fitted = fit_plan(
+            plan,
+            client.capabilities,
+            num_examples=client.num_examples,
+            budget_s=budget_s,
+            limits=limits,
+            update_bytes=federation.spec.update_nbytes,
+        )
+        if fitted.local_steps != plan.local_steps or fitted.batch_size != plan.batch_size:
+            log.info(
+                "round %d: client %s plan fitted to %.0f samples/s: %d steps of %d",
+                plan.round,
+                client.client_id,
+                float(client.capabilities.get("samples_per_second") or 0.0),
+                fitted.local_steps,
+                fitted.batch_size,
+            )
+        return fitted
 
     async def _affordable(self, client_id: str, plan: Any) -> tuple[bool, float]:
         # NOTE: with DP off (dp_mode "none", for baselines) there is no guarantee to
@@ -258,10 +306,17 @@ class RoundManager:
         )
 
     async def _open(
-        self, round_id: int, plans: dict[str, Any], *, deadline: float, opened_at: float
+        self,
+        round_id: int,
+        plans: dict[str, Any],
+        *,
+        deadline: float,
+        opened_at: float,
+        target: int | None = None,
+        quorum: int | None = None,
     ) -> None:
-        target = len(plans)
-        quorum = max(1, math.ceil(self._settings.quorum_fraction * target))
+        target = target or len(plans)
+        quorum = quorum or max(1, math.ceil(self._settings.quorum_fraction * target))
         digest = await self._store.model_digest(round_id) or ""
         await self._store.put_round(
             RoundRecord(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from fedq.plan import TrainingPlan
 from fedq.state.rounds import ClientRecord
@@ -13,14 +13,28 @@ __all__ = ["plan_for_client", "select_participants"]
 
 
 def select_participants(
-    candidates: Sequence[ClientRecord], *, count: int, round_id: int, seed: int
+    candidates: Sequence[ClientRecord],
+    *,
+    count: int,
+    round_id: int,
+    seed: int,
+    counts: Mapping[str, int] | None = None,
 ) -> list[ClientRecord]:
-    """A seeded random sample of ``count`` candidates (all of them if fewer)."""
+    """``count`` candidates (all of them if fewer), fair over rounds and seeded.
+
+    Clients selected least often so far (``counts``, from the store) come first; ties
+    are broken by a random order drawn from ``seed`` and ``round_id``, so the same
+    state always gives the same choice and, over rounds, every client takes part
+    about equally often.
+    """
     ordered = sorted(candidates, key=lambda c: c.client_id)
     if len(ordered) <= count:
         return ordered
     rng = random.Random(f"{seed}:{round_id}")
-    return sorted(rng.sample(ordered, count), key=lambda c: c.client_id)
+    tiebreak = {c.client_id: rng.random() for c in ordered}
+    seen = counts or {}
+    ranked = sorted(ordered, key=lambda c: (seen.get(c.client_id, 0), tiebreak[c.client_id]))
+    return sorted(ranked[:count], key=lambda c: c.client_id)
 
 
 def plan_for_client(

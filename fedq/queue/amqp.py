@@ -4,7 +4,12 @@ Topology, declared idempotently by every process that connects:
 
 * exchange ``fedq.updates`` (direct, durable) -> quorum queue ``fedq.updates`` with a
   delivery limit and dead-letter exchange ``fedq.dead``;
-* exchange ``fedq.dead`` (fanout, durable) -> quorum queue ``fedq.updates.dead``.
+* exchange ``fedq.dead`` (fanout, durable) -> quorum queue ``fedq.updates.dead``;
+* exchange ``fedq.updates`` -> stream ``fedq.updates.archive`` (retention from
+  ``ArchiveSettings``), which keeps every published update for replays.
+
+A publisher confirm arrives once every bound queue has the message, so it covers
+the archive copy too.
 
 Messages are persistent and published as mandatory, so a message that no queue
 took fails the publish instead of vanishing.
@@ -14,10 +19,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aio_pika
+import aiormq
 from aio_pika.abc import (
     AbstractChannel,
     AbstractExchange,
@@ -25,24 +32,37 @@ from aio_pika.abc import (
     AbstractRobustConnection,
 )
 
+from fedq.archive.base import ArchiveSettings
 from fedq.queue.base import (
+    ARCHIVE_QUEUE,
+    DEAD_AT_HEADER,
     DEAD_EXCHANGE,
     DEAD_QUEUE,
+    REASON_HEADER,
     ROUTING_KEY,
     UPDATES_EXCHANGE,
     UPDATES_QUEUE,
     DeadLetter,
+    DeadLetterOutcome,
+    DeadLetterSelection,
     Delivery,
     QueueStats,
     QueueUnavailableError,
     UpdateQueue,
+)
+from fedq.queue.deadletters import (
+    dead_letter_id,
+    describe_dead_letter,
+    missing_ids,
+    requeue_headers,
+    selects,
 )
 
 __all__ = ["AmqpQueue"]
 
 log = logging.getLogger(__name__)
 
-REASON_HEADER = "x-fedq-reason"
+SWEEP_MAX = 10_000  # dead letters one requeue, purge or lookup reads at most
 
 
 class _AmqpDelivery(Delivery):
@@ -81,17 +101,26 @@ class AmqpQueue(UpdateQueue):
 
     @classmethod
     async def connect(
-        cls, url: str, *, delivery_limit: int = 5, publish_timeout_s: float = 30.0
+        cls,
+        url: str,
+        *,
+        delivery_limit: int = 5,
+        publish_timeout_s: float = 30.0,
+        archive: ArchiveSettings | None = None,
     ) -> AmqpQueue:
         """Connect, declare the topology and return a ready queue.
+
+        ``archive`` sets the archive stream's retention (default: from ``FEDQ_ARCHIVE_*``).
 
         Raises:
             QueueUnavailableError: the broker is unreachable or refused the topology.
         """
+        archive = archive or ArchiveSettings.from_env()
         try:
             connection = await aio_pika.connect_robust(url, timeout=10)
             channel = await connection.channel(publisher_confirms=True)
             exchange = await _declare(channel, delivery_limit=delivery_limit)
+            await _declare_archive(connection, archive)
         except Exception as exc:
             raise QueueUnavailableError(f"RabbitMQ at {_redact(url)}: {exc}") from exc
 
@@ -139,7 +168,7 @@ class AmqpQueue(UpdateQueue):
 
     async def dead_letter(self, delivery: Delivery, *, reason: str) -> None:
         assert isinstance(delivery, _AmqpDelivery)
-        headers = {**delivery.headers, REASON_HEADER: reason[:500]}
+        headers = {**delivery.headers, REASON_HEADER: reason[:500], DEAD_AT_HEADER: _now_ms()}
         dead = await self._channel.get_exchange(DEAD_EXCHANGE)
         await dead.publish(
             aio_pika.Message(
@@ -169,32 +198,118 @@ class AmqpQueue(UpdateQueue):
         finally:
             await channel.close()
 
-    async def dead_letters(self, *, limit: int = 100) -> list[DeadLetter]:
-        """Peek at dead letters (fetched and requeued, so they stay)."""
+    async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
+        found: list[DeadLetter] = []
+
+        def keep(message: AbstractIncomingMessage) -> bool:
+            found.append(_describe(message))
+            return len(found) < limit
+
+        await self._sweep(keep, limit=limit)
+        return found
+
+    async def inspect_dead_letter(self, message_id: str) -> DeadLetter | None:
+        found: list[DeadLetter] = []
+
+        def look(message: AbstractIncomingMessage) -> bool:
+            if _letter_id(message) == message_id:
+                found.append(_describe(message, detail=True))
+            return not found
+
+        await self._sweep(look, limit=SWEEP_MAX)
+        return found[0] if found else None
+
+    async def requeue_dead_letters(self, message_ids: DeadLetterSelection) -> DeadLetterOutcome:
+        return await self._settle_dead(message_ids, requeue=True)
+
+    async def purge_dead_letters(self, message_ids: DeadLetterSelection) -> DeadLetterOutcome:
+        return await self._settle_dead(message_ids, requeue=False)
+
+    async def _settle_dead(
+        self, selection: DeadLetterSelection, *, requeue: bool
+    ) -> DeadLetterOutcome:
+        chosen: list[AbstractIncomingMessage] = []
+
+        def pick(message: AbstractIncomingMessage) -> bool:
+            if selects(selection, _letter_id(message)):
+                chosen.append(message)
+            return True
+
+        done: set[str] = set()
+
+        async def settle() -> None:
+            for message in chosen:
+                if requeue:
+                    await self._republish(message)
+                # The dead copy goes only after the new one was confirmed.
+                await message.ack()
+                done.add(_letter_id(message))
+
+        await self._sweep(pick, limit=SWEEP_MAX, then=settle)
+        log.info(
+            "%s %d dead letters: %s",
+            "requeued" if requeue else "purged",
+            len(chosen),
+            ", ".join(sorted(done)[:20]),
+        )
+        return DeadLetterOutcome(done=sorted(done), missing=missing_ids(selection, done))
+
+    async def _republish(self, message: AbstractIncomingMessage) -> None:
+        copy = aio_pika.Message(
+            message.body,
+            message_id=message.message_id,
+            headers=requeue_headers(dict(message.headers or {})),
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            content_type=message.content_type or "application/x-msgpack",
+        )
+        confirm = await self._exchange.publish(
+            copy, routing_key=ROUTING_KEY, mandatory=True, timeout=self._publish_timeout_s
+        )
+        if confirm is not None and type(confirm).__name__ not in ("Ack", "BasicAck"):
+            raise QueueUnavailableError(
+                f"broker refused requeued dead letter {_letter_id(message)}: {confirm!r}"
+            )
+
+    async def _sweep(
+        self,
+        visit: Callable[[AbstractIncomingMessage], bool],
+        *,
+        limit: int,
+        then: Callable[[], Any] | None = None,
+    ) -> None:
+        """Fetch dead letters one by one, holding each, until ``visit`` says stop.
+
+        Held messages stay unacknowledged on this channel, so none is fetched twice;
+        ``then`` settles the ones it wants and the rest go back to the dead-letter
+        queue (by the channel's close if anything failed).
+        """
         channel = await self._connection.channel()
-        out: list[DeadLetter] = []
+        held: list[AbstractIncomingMessage] = []
         try:
             queue = await channel.declare_queue(DEAD_QUEUE, passive=True)
-            held = []
-            while len(out) < limit:
+            while len(held) < limit:
                 message = await queue.get(no_ack=False, fail=False)
                 if message is None:
                     break
                 held.append(message)
-                headers = dict(message.headers or {})
-                out.append(
-                    DeadLetter(
-                        message_id=message.message_id or "",
-                        reason=str(headers.get(REASON_HEADER) or _death_reason(headers)),
-                        headers={k: v for k, v in headers.items() if k != "x-death"},
-                        size=len(message.body),
-                    )
-                )
+                if not visit(message):
+                    break
+            if then is not None:
+                await then()
+            # Returned explicitly rather than by the close, so that the broker has them
+            # back before a sweep that starts right after this one.
             for message in held:
-                await message.nack(requeue=True)
+                if not message.processed:
+                    await message.nack(requeue=True)
+        except asyncio.CancelledError:
+            raise
+        except QueueUnavailableError:
+            raise
+        except Exception as exc:
+            raise QueueUnavailableError(f"dead-letter queue {DEAD_QUEUE}: {exc}") from exc
         finally:
-            await channel.close()
-        return out
+            if not channel.is_closed:
+                await channel.close()
 
     async def purge_updates(self) -> None:
         """Drop every queued update (tests and operators only)."""
@@ -236,11 +351,51 @@ async def _declare(channel: AbstractChannel, *, delivery_limit: int) -> Abstract
     return exchange
 
 
-def _death_reason(headers: dict[str, Any]) -> str:
-    deaths = headers.get("x-death") or []
-    if deaths and isinstance(deaths[0], dict):
-        return str(deaths[0].get("reason", "dead-lettered"))
-    return "dead-lettered"
+async def _declare_archive(connection: AbstractRobustConnection, settings: ArchiveSettings) -> None:
+    """Declare the archive stream and bind it to the update exchange.
+
+    A stream that already exists with other retention arguments is kept as it is (a
+    declaration cannot change them); an operator deletes it to apply new ones.
+    """
+    arguments: dict[str, Any] = {
+        "x-queue-type": "stream",
+        "x-max-length-bytes": settings.max_bytes,
+        "x-max-age": settings.max_age,
+    }
+    channel = await connection.channel()
+    try:
+        queue = await channel.declare_queue(ARCHIVE_QUEUE, durable=True, arguments=arguments)
+        await queue.bind(UPDATES_EXCHANGE, routing_key=ROUTING_KEY)
+    except aiormq.exceptions.ChannelPreconditionFailed as exc:
+        log.warning("archive stream %s kept with its own retention: %s", ARCHIVE_QUEUE, exc)
+        await _bind_existing_archive(connection)
+    finally:
+        await channel.close()
+
+
+async def _bind_existing_archive(connection: AbstractRobustConnection) -> None:
+    channel = await connection.channel()
+    try:
+        queue = await channel.declare_queue(ARCHIVE_QUEUE, passive=True)
+        await queue.bind(UPDATES_EXCHANGE, routing_key=ROUTING_KEY)
+    finally:
+        await channel.close()
+
+
+def _now_ms() -> int:
+    # NOTE: an integer, because AMQP field tables carry Python floats as 32-bit floats,
+    # which would round a unix time to about two minutes.
+    return int(time.time() * 1000)
+
+
+def _letter_id(message: AbstractIncomingMessage) -> str:
+    return dead_letter_id(message.message_id, message.body)
+
+
+def _describe(message: AbstractIncomingMessage, *, detail: bool = False) -> DeadLetter:
+    return describe_dead_letter(
+        message.body, dict(message.headers or {}), message_id=message.message_id, detail=detail
+    )
 
 
 def _redact(url: str) -> str:

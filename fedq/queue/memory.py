@@ -3,19 +3,39 @@
 It honours the same contract as the broker: a message stays queued until a
 consumer acks it, unsettled messages go back to the queue when their consumer
 stops, and a message delivered more than ``delivery_limit`` times is dead-lettered.
-Nothing survives the process; that is what the real broker is for.
+Nothing survives the process; that is what the real broker is for, except the
+optional on-disk archive of published updates (the broker's archive stream here).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from fedq.queue.base import DeadLetter, Delivery, QueueStats, QueueUnavailableError, UpdateQueue
+from fedq.queue.base import (
+    DeadLetter,
+    DeadLetterOutcome,
+    DeadLetterSelection,
+    Delivery,
+    QueueStats,
+    QueueUnavailableError,
+    UpdateQueue,
+)
+from fedq.queue.deadletters import (
+    dead_letter_id,
+    describe_dead_letter,
+    missing_ids,
+    requeue_headers,
+    selects,
+)
+
+if TYPE_CHECKING:
+    from fedq.archive.disk import DiskArchive
 
 __all__ = ["MemoryQueue", "shared_memory_queue"]
 
@@ -28,7 +48,10 @@ def shared_memory_queue() -> MemoryQueue:
     """The process-wide queue every embedded gateway and worker uses."""
     global _SHARED
     if _SHARED is None or _SHARED.closed:
-        _SHARED = MemoryQueue()
+        from fedq.archive import ArchiveSettings
+        from fedq.archive.disk import DiskArchive
+
+        _SHARED = MemoryQueue(archive=DiskArchive.from_settings(ArchiveSettings.from_env()))
     return _SHARED
 
 
@@ -38,6 +61,27 @@ class _Message:
     message_id: str
     headers: dict[str, Any]
     deliveries: int = 0
+
+
+@dataclass(eq=False)
+class _Dead:
+    message: _Message
+    reason: str
+    dead_at: float = field(default_factory=time.time)
+
+    @property
+    def letter_id(self) -> str:
+        return dead_letter_id(self.message.message_id, self.message.body)
+
+    def describe(self, *, detail: bool = False) -> DeadLetter:
+        return describe_dead_letter(
+            self.message.body,
+            self.message.headers,
+            message_id=self.message.message_id,
+            reason=self.reason,
+            dead_at=self.dead_at,
+            detail=detail,
+        )
 
 
 @dataclass
@@ -64,7 +108,7 @@ class _MemoryDelivery(Delivery):
         if requeue:
             self.queue._requeue(self.message)
         else:
-            self.queue._dead.append(DeadLetter(self.message_id, "rejected", self.headers))
+            self.queue._dead.append(_Dead(self.message, "rejected"))
 
     def _settle(self) -> None:
         if self.settled:
@@ -76,9 +120,10 @@ class _MemoryDelivery(Delivery):
 class MemoryQueue(UpdateQueue):
     """A FIFO with acks, redelivery and dead letters, inside one event loop."""
 
-    def __init__(self, *, delivery_limit: int = 5) -> None:
+    def __init__(self, *, delivery_limit: int = 5, archive: DiskArchive | None = None) -> None:
         self._ready: deque[_Message] = deque()
-        self._dead: list[DeadLetter] = []
+        self._dead: list[_Dead] = []
+        self._archive = archive
         self._unsettled: set[int] = set()
         self._arrived = asyncio.Event()
         self._consumers = 0
@@ -88,6 +133,8 @@ class MemoryQueue(UpdateQueue):
     async def publish(self, body: bytes, *, message_id: str, headers: dict[str, Any]) -> None:
         if self.closed:
             raise QueueUnavailableError("the embedded queue is closed")
+        if self._archive is not None:
+            await self._archive.append(body)
         self._ready.append(_Message(bytes(body), message_id, dict(headers)))
         self._arrived.set()
 
@@ -115,16 +162,43 @@ class MemoryQueue(UpdateQueue):
         inner = delivery.inner if isinstance(delivery, _Releasing) else delivery
         assert isinstance(inner, _MemoryDelivery)
         inner._settle()
-        self._dead.append(DeadLetter(inner.message_id, reason, inner.headers, len(inner.body)))
+        self._dead.append(_Dead(inner.message, reason))
         if isinstance(delivery, _Releasing):
             delivery.release()
 
     async def stats(self) -> QueueStats:
         return QueueStats(ready=len(self._ready), consumers=self._consumers, dead=len(self._dead))
 
-    def dead_letters(self) -> list[DeadLetter]:
-        """The dead-lettered messages so far."""
-        return list(self._dead)
+    async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
+        return [dead.describe() for dead in self._dead[:limit]]
+
+    async def inspect_dead_letter(self, message_id: str) -> DeadLetter | None:
+        for dead in self._dead:
+            if dead.letter_id == message_id:
+                return dead.describe(detail=True)
+        return None
+
+    async def requeue_dead_letters(self, message_ids: DeadLetterSelection) -> DeadLetterOutcome:
+        chosen = [d for d in self._dead if selects(message_ids, d.letter_id)]
+        for dead in chosen:
+            message = dead.message
+            await self.publish(
+                message.body,
+                message_id=message.message_id,
+                headers=requeue_headers(message.headers),
+            )
+            self._dead.remove(dead)
+        return self._outcome(message_ids, chosen)
+
+    async def purge_dead_letters(self, message_ids: DeadLetterSelection) -> DeadLetterOutcome:
+        chosen = [d for d in self._dead if selects(message_ids, d.letter_id)]
+        self._dead = [d for d in self._dead if not any(d is c for c in chosen)]
+        return self._outcome(message_ids, chosen)
+
+    @staticmethod
+    def _outcome(selection: DeadLetterSelection, chosen: list[_Dead]) -> DeadLetterOutcome:
+        done = sorted({d.letter_id for d in chosen})
+        return DeadLetterOutcome(done=done, missing=missing_ids(selection, done))
 
     async def close(self) -> None:
         self.closed = True
@@ -148,7 +222,7 @@ class MemoryQueue(UpdateQueue):
                 message.message_id,
                 message.deliveries,
             )
-            self._dead.append(DeadLetter(message.message_id, "delivery limit", message.headers))
+            self._dead.append(_Dead(message, "delivery_limit"))
             return
         self._ready.appendleft(message)
         self._arrived.set()

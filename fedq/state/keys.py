@@ -61,3 +61,14 @@ def partial(round_id: int, owner: str) -> str:
 def model(round_id: int) -> str:
     """Encoded global model that clients train in round ``round_id``."""
     return f"{PREFIX}model:{round_id}"
+
+
+def parts(round_id: int, update_id: str, digest: str) -> str:
+    """Hash part index -> payload bytes of a multi-part update still being gathered."""
+    return f"{PREFIX}round:{{{round_id}}}:parts:{update_id}:{digest[:16]}"
+
+
+# Both selection keys share one hash tag: the script that updates them touches both.
+SELECTIONS = PREFIX + "{selections}"  # hash: client id -> rounds it was selected for
+SELECTION_ROUNDS = PREFIX + "{selections}:rounds"  # set of rounds already counted
+ASYNC_ACCEPTED = PREFIX + "async:accepted"  # hash: update id -> version it went into

@@ -38,6 +38,8 @@ class FederationRecord:
     total_rounds: int
     current_round: int = 0
     status: str = "waiting"  # waiting -> running -> finished
+    mode: str = "sync"  # "async": rounds are model versions of buffered updates
+    max_staleness: int = 0  # async: versions an update's base may lag the open one
 
     def to_public(self) -> dict[str, Any]:
         """JSON-friendly view."""
@@ -161,6 +163,8 @@ class RoundStore:
                 "total_rounds": record.total_rounds,
                 "current_round": 0,
                 "status": "waiting",
+                "mode": record.mode,
+                "max_staleness": record.max_staleness,
             },
         )
         return True
@@ -177,6 +181,8 @@ class RoundStore:
             total_rounds=int(raw["total_rounds"]),
             current_round=int(raw.get("current_round", 0)),
             status=raw.get("status", "waiting"),
+            mode=raw.get("mode", "sync"),
+            max_staleness=int(raw.get("max_staleness") or 0),
         )
 
     async def set_progress(self, *, current_round: int, status: str) -> None:

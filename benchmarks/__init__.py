@@ -1,0 +1,1 @@
+"""Benchmarks of the fedq stack (run as ``python -m benchmarks.<name>``)."""
