@@ -26,6 +26,10 @@ TRANSIENT_CODES = frozenset(
         grpc.StatusCode.ABORTED,
         grpc.StatusCode.CANCELLED,
         grpc.StatusCode.DATA_LOSS,  # a stream cut mid-way arrives truncated
+        # A gateway that refuses an upload before reading all of it (say, while Redis
+        # restarts) can surface here as INTERNAL "Internal error from Core". Every call
+        # is idempotent (uploads carry their update id), so retrying it is safe.
+        grpc.StatusCode.INTERNAL,
     }
 )
 

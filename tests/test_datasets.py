@@ -17,6 +17,7 @@ from fedq.datasets import (
     num_classes,
     partition,
 )
+from tests.conftest import _unavailable
 
 
 @pytest.fixture
@@ -130,7 +131,7 @@ def test_changed_image_folder_is_decoded_again(image_folder, cache_dir):
 
 def test_cifar10_jpeg_test_split_loads_as_normalised_rgb(data_root, cache_dir):
     if not (data_root / "CIFAR10-jpeg").is_dir():
-        pytest.skip("no CIFAR10-jpeg folder in the test data")
+        _unavailable("the CIFAR10-jpeg folder in the test data")
 
     test = load_dataset("cifar10", root=data_root, train=False)
 

