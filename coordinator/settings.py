@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from fedq.config import EnvReader, SettingsError
+from fedq.config import EnvReader, SettingsError, redact_url
 from fedq.plan import DP_MODES, TrainingPlan
 from fedq.tls import ServerTls
 from proto.codec import CODECS
@@ -24,9 +24,8 @@ class ServiceUrls:
     delivery_limit: int = 5
 
     def __repr__(self) -> str:
-        return (
-            f"ServiceUrls(amqp_url={_mask(self.amqp_url)!r}, redis_url={_mask(self.redis_url)!r})"
-        )
+        amqp, redis = redact_url(self.amqp_url), redact_url(self.redis_url)
+        return f"ServiceUrls(amqp_url={amqp!r}, redis_url={redis!r})"
 
     @classmethod
     def from_env(cls, env: EnvReader | None = None) -> ServiceUrls:
@@ -219,10 +218,3 @@ class CoordinatorSettings:
             async_buffer=env.int("ASYNC_BUFFER", 0, minimum=0),
             async_max_staleness=env.int("ASYNC_MAX_STALENESS", 4, minimum=0),
         )
-
-
-def _mask(url: str) -> str:
-    if "@" not in url or "://" not in url:
-        return url
-    scheme, rest = url.split("://", 1)
-    return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"

@@ -11,7 +11,7 @@ import os
 from collections.abc import Callable, Mapping
 from typing import TypeVar
 
-__all__ = ["ENV_PREFIX", "EnvReader", "SettingsError"]
+__all__ = ["ENV_PREFIX", "EnvReader", "SettingsError", "redact_url"]
 
 ENV_PREFIX = "FEDQ_"
 T = TypeVar("T")
@@ -86,3 +86,11 @@ class EnvReader:
             return parse(raw.strip())
         except ValueError:
             raise SettingsError(f"{ENV_PREFIX}{name}={raw!r}: expected {what}") from None
+
+
+def redact_url(url: str) -> str:
+    """A service URL with its credentials hidden, for logs and reprs."""
+    if "@" not in url or "://" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"

@@ -30,6 +30,7 @@ from fedq.state import RoundRecord, RoundStore, StoreUnavailableError, connect_r
 from fedq.state.rounds import FederationRecord, reset_federation
 from fedq.tensors import ModelSpec
 from proto.codec import encode_tensors
+from tests.conftest import _unavailable
 
 REDIS_URL = os.environ.get("FEDQ_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 ADMIN_TOKEN = "test-admin-token"
@@ -54,9 +55,7 @@ async def redis() -> AsyncIterator[Redis]:
     try:
         client = await connect_redis(REDIS_URL)
     except StoreUnavailableError as exc:
-        if os.environ.get("CI"):
-            pytest.fail(f"real Redis required in CI: {exc}")
-        pytest.skip(str(exc))
+        _unavailable(f"Redis ({exc})")
 
     await reset_federation(client)
     yield client

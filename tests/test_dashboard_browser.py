@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import shutil
 import urllib.request
 from collections.abc import AsyncIterator
@@ -16,6 +15,7 @@ from test_api import CLIENTS, Seeded, redis, seeded  # noqa: F401  (fixtures use
 
 from coordinator.api import ApiServer
 from coordinator.settings import CoordinatorSettings
+from tests.conftest import _unavailable
 
 SCREENSHOT = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "dashboard.png"
 CHROMIUM_TIMEOUT_S = 90.0
@@ -28,10 +28,7 @@ def chromium() -> str:
     """Path of the Chromium binary; missing fails in CI and skips elsewhere."""
     found = shutil.which("chromium") or shutil.which("chromium-browser")
     if found is None:
-        reason = "chromium is not on PATH (apt-get install -y chromium)"
-        if os.environ.get("CI"):
-            pytest.fail(reason)
-        pytest.skip(reason)
+        _unavailable("chromium on PATH (apt-get install -y chromium)")
     return found
 
 

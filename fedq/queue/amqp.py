@@ -33,6 +33,7 @@ from aio_pika.abc import (
 )
 
 from fedq.archive.base import ArchiveSettings
+from fedq.config import redact_url
 from fedq.queue.base import (
     ARCHIVE_QUEUE,
     DEAD_AT_HEADER,
@@ -122,9 +123,9 @@ class AmqpQueue(UpdateQueue):
             exchange = await _declare(channel, delivery_limit=delivery_limit)
             await _declare_archive(connection, archive)
         except Exception as exc:
-            raise QueueUnavailableError(f"RabbitMQ at {_redact(url)}: {exc}") from exc
+            raise QueueUnavailableError(f"RabbitMQ at {redact_url(url)}: {exc}") from exc
 
-        log.info("connected to RabbitMQ at %s", _redact(url))
+        log.info("connected to RabbitMQ at %s", redact_url(url))
         return cls(
             connection,
             channel,
@@ -396,10 +397,3 @@ def _describe(message: AbstractIncomingMessage, *, detail: bool = False) -> Dead
     return describe_dead_letter(
         message.body, dict(message.headers or {}), message_id=message.message_id, detail=detail
     )
-
-
-def _redact(url: str) -> str:
-    if "@" not in url:
-        return url
-    scheme, rest = url.split("://", 1)
-    return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"

@@ -8,6 +8,8 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from fedq.config import redact_url
+
 __all__ = ["StoreUnavailableError", "connect_redis", "embedded_server"]
 
 log = logging.getLogger(__name__)
@@ -47,16 +49,6 @@ async def connect_redis(url: str | None) -> aioredis.Redis:
         await client.ping()
     except (RedisError, OSError) as exc:
         await client.aclose()
-        raise StoreUnavailableError(f"Redis at {_redact(url)} is unreachable: {exc}") from exc
-    log.info("connected to Redis at %s", _redact(url))
+        raise StoreUnavailableError(f"Redis at {redact_url(url)} is unreachable: {exc}") from exc
+    log.info("connected to Redis at %s", redact_url(url))
     return client
-
-
-def _redact(url: str) -> str:
-    """Hide the password of a URL for logs."""
-    if "@" not in url or "://" not in url:
-        return url
-    scheme, rest = url.split("://", 1)
-    creds, host = rest.rsplit("@", 1)
-    user = creds.split(":", 1)[0]
-    return f"{scheme}://{user}:***@{host}" if ":" in creds else f"{scheme}://{user}@{host}"
