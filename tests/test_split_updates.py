@@ -97,6 +97,12 @@ async def test_an_update_larger_than_one_message_is_queued_in_parts_and_counted_
                 return (await queue.stats()).ready == 0 and worker.committed_updates >= 1
 
             await _wait_for(drained, timeout_s=60, what="the split update was not counted")
+
+            # Deliveries still in the worker's hands finish after the queue looks empty.
+            async def parts_discarded() -> bool:
+                return not [k async for k in redis.scan_iter(match="fedq:round:{1}:parts:*")]
+
+            await _wait_for(parts_discarded, timeout_s=20, what="a parts hash was left behind")
             await asyncio.sleep(0.5)
         finally:
             await cancel_and_wait(task)

@@ -164,7 +164,12 @@ class AggregationWorker:
         async with self._lock:
             batch = self._batch(update.round, spec)
             if any(p.update_id == update.update_id for p in batch.pending):
-                await delivery.ack()  # a second copy of an update already in this batch
+                # A second copy of an update already in this batch. A client's retry may
+                # have encoded it anew (q8 rounds at random), so its parts can sit under
+                # another digest than the copy that will be counted.
+                if update.digest and all(p.digest != update.digest for p in batch.pending):
+                    await self._stash.discard(update.round, update.update_id, digest=update.digest)
+                await delivery.ack()
                 return
             if not batch.pending:
                 batch.first_at = time.monotonic()
@@ -191,6 +196,11 @@ class AggregationWorker:
             data=update.payload,
         )
         if held < update.parts:
+            # A copy of a part stored while another worker committed the update may land
+            # after that worker discarded the hash: checking again after the store sees
+            # the commit, so no stray hash is left to wait for its expiry.
+            if await self._partials.already_applied(update.round, [update.update_id]):
+                await self._stash.discard(update.round, update.update_id, digest=update.digest)
             await delivery.ack()  # the part is safe in Redis; the completing one stays unacked
             return None
 
