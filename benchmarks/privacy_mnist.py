@@ -109,6 +109,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--local-steps", type=int, default=None, help="DP-SGD steps per round")
     parser.add_argument("--lr", type=float, default=None, help="client learning rate")
     parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--server-lr", type=float, default=1.0, help="server learning rate η")
+    parser.add_argument("--server-momentum", type=float, default=0.0, help="server momentum β")
     parser.add_argument("--delta", type=float, default=1e-5)
     parser.add_argument(
         "--epsilon-budget", type=float, default=1e6, help="ledger budget (default: not binding)"
@@ -152,6 +154,8 @@ async def _run_one(args: argparse.Namespace, *, scheme: str) -> dict[str, Any]:
         delta=args.delta,
         epsilon_budget=args.epsilon_budget,
         seed=args.seed,
+        server_learning_rate=args.server_lr,
+        server_momentum=args.server_momentum,
     )
     options = FederationOptions(
         clients=args.clients,
@@ -187,6 +191,8 @@ def _record(
             "batch_size": args.batch_size,
             "local_steps": args.local_steps,
             "learning_rate": args.lr,
+            "server_learning_rate": args.server_lr,
+            "server_momentum": args.server_momentum,
             "delta": args.delta,
             "accountant": "rdp",
             "seed": args.seed,

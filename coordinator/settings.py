@@ -118,6 +118,8 @@ class CoordinatorSettings:
     mode: str = "sync"
     async_buffer: int = 0  # 0: clients_per_round
     async_max_staleness: int = 4
+    server_learning_rate: float = 1.0
+    server_momentum: float = 0.0
 
     def __post_init__(self) -> None:
         if self.rounds < 1 or self.clients_per_round < 1:
@@ -135,6 +137,12 @@ class CoordinatorSettings:
             raise SettingsError(f"FEDQ_MODE={self.mode!r}: expected one of {', '.join(MODES)}")
         if not 0 < self.quorum_fraction <= 1:
             raise SettingsError(f"FEDQ_QUORUM_FRACTION={self.quorum_fraction}: expected (0, 1]")
+        if not self.server_learning_rate > 0:
+            raise SettingsError(
+                f"FEDQ_SERVER_LEARNING_RATE={self.server_learning_rate}: expected a number > 0"
+            )
+        if not 0 <= self.server_momentum < 1:
+            raise SettingsError(f"FEDQ_SERVER_MOMENTUM={self.server_momentum}: expected [0, 1)")
         if not 0 < self.delta < 1:
             raise SettingsError(f"FEDQ_DELTA={self.delta}: expected a number in (0, 1)")
 
@@ -217,4 +225,6 @@ class CoordinatorSettings:
             mode=env.str("MODE", "sync", choices=MODES),
             async_buffer=env.int("ASYNC_BUFFER", 0, minimum=0),
             async_max_staleness=env.int("ASYNC_MAX_STALENESS", 4, minimum=0),
+            server_learning_rate=env.float("SERVER_LEARNING_RATE", 1.0, minimum=1e-9),
+            server_momentum=env.float("SERVER_MOMENTUM", 0.0, minimum=0.0, maximum=0.999),
         )

@@ -3,8 +3,9 @@
 FedAvg replays use the workers' and the round manager's own arithmetic: an update
 split into parts is reassembled and checked against its digest, weighed like the
 workers weigh it (``workers.weights``: work done, staleness), turned into
-``to_fixed_point(u, weight)``, and the integer sum goes through ``apply_mean_update``
-before the model is encoded as the manager encodes it. Only the update ids the round
+``to_fixed_point(u, weight)``, and the mean of the integer sum takes the server's step
+(``coordinator.rounds.server_optimizer``, with the round's stored momentum) before the
+model is encoded as the manager encodes it. Only the update ids the round
 applied (its ``applied`` hash in Redis) are counted, each once, so an intact archive
 reproduces the recorded model digest bit for bit.
 
@@ -28,7 +29,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from coordinator.rounds.aggregation import apply_flat_update, apply_mean_update
+from coordinator.rounds.server_optimizer import ServerOptimizer, decode_velocity
 from fedq.archive import ArchiveError, UpdateArchive
 from fedq.config import SettingsError
 from fedq.queue.message import QueuedUpdate
@@ -99,7 +100,16 @@ async def replay_round(
     ordered = [updates[uid] for uid in sorted(updates)]
     ordered = [replace(u, num_examples=await _weight(store, u)) for u in ordered]
     digest, distance = await asyncio.get_running_loop().run_in_executor(
-        None, _recompute, start[0], recorded[0], federation.spec, ordered, rule, trim
+        None,
+        _recompute,
+        start[0],
+        recorded[0],
+        federation.spec,
+        ordered,
+        rule,
+        trim,
+        ServerOptimizer(federation.server_learning_rate, federation.server_momentum),
+        await store.velocity(round_id),
     )
     return ReplayResult(
         round=round_id,
@@ -260,6 +270,8 @@ def _recompute(
     updates: list[QueuedUpdate],
     rule: str,
     trim: float,
+    optimizer: ServerOptimizer,
+    velocity_blob: bytes | None,
 ) -> tuple[str, float]:
     model_bytes = sum(t.nbytes for t in spec.tensors)
     start = decode_tensors(start_blob, max_bytes=model_bytes)
@@ -273,9 +285,11 @@ def _recompute(
         for flat, update in zip(flats, updates, strict=True):
             total += to_fixed_point(flat, update.num_examples)
         examples = sum(u.num_examples for u in updates)
-        model = apply_mean_update(start, spec, RoundSum(total, examples, len(updates)))
+        mean = RoundSum(total, examples, len(updates)).mean_update()
     else:
-        model = apply_flat_update(start, spec, robust_update(np.stack(flats), rule, trim=trim))
+        mean = robust_update(np.stack(flats), rule, trim=trim)
+    velocity = decode_velocity(velocity_blob, size=spec.update_size)
+    model = optimizer.step(start, spec, mean, velocity).model
 
     blob = encode_tensors(model)
     recorded = decode_tensors(recorded_blob, max_bytes=model_bytes)

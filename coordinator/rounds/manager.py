@@ -21,7 +21,11 @@ from typing import Any
 import numpy as np
 from redis.exceptions import RedisError
 
-from coordinator.rounds.aggregation import apply_mean_update
+from coordinator.rounds.server_optimizer import (
+    ServerOptimizer,
+    decode_velocity,
+    encode_velocity,
+)
 from coordinator.rounds.leader import LeaderLease
 from coordinator.rounds.plans import PlanLimits, fit_plan
 from coordinator.rounds.selection import plan_for_client, select_participants
@@ -88,6 +92,8 @@ class RoundManager:
             total_rounds=self._settings.rounds,
             mode=self._settings.mode,
             max_staleness=self._settings.async_max_staleness,
+            server_learning_rate=self._settings.server_learning_rate,
+            server_momentum=self._settings.server_momentum,
         )
         created = await self._store.init_federation(record, initial_model=encode_tensors(initial))
         federation = await self._store.federation()
@@ -376,6 +382,9 @@ class RoundManager:
         # model carries over unchanged so that too few clients cannot bias it.
         found = await self._store.model(record.round)
         assert found is not None
+        velocity = await self._store.velocity(record.round)
+        if velocity is not None:
+            await self._store.put_velocity(record.round + 1, velocity)
         await self._store.put_model(record.round + 1, found[0])
         await self._store.update_round(
             record.round,
@@ -408,9 +417,15 @@ class RoundManager:
         spec = federation.spec
         round_sum = await self._partials.round_sum(record.round, size=spec.update_size)
         blob, _digest = await self._store.model(record.round) or (b"", "")
-        new_blob = await asyncio.get_running_loop().run_in_executor(
-            None, _next_model_blob, blob, spec, round_sum
+        optimizer = ServerOptimizer(federation.server_learning_rate, federation.server_momentum)
+        velocity = await self._store.velocity(record.round) if optimizer.keeps_velocity else None
+        new_blob, new_velocity = await asyncio.get_running_loop().run_in_executor(
+            None, next_model, blob, spec, round_sum, optimizer, velocity
         )
+        # Velocity first: a leader that dies between the two writes leaves the round
+        # aggregating, and the next leader recomputes both from unchanged inputs.
+        if new_velocity is not None:
+            await self._store.put_velocity(record.round + 1, new_velocity)
         digest = await self._store.put_model(record.round + 1, new_blob)
         await self._store.update_round(
             record.round, status=FINALIZED, next_digest=digest, examples=round_sum.examples
@@ -453,6 +468,16 @@ class RoundManager:
             log.info(message, *args)
 
 
-def _next_model_blob(blob: bytes, spec: ModelSpec, round_sum: Any) -> bytes:
+def next_model(
+    blob: bytes,
+    spec: ModelSpec,
+    round_sum: Any,
+    optimizer: ServerOptimizer,
+    velocity_blob: bytes | None,
+) -> tuple[bytes, bytes | None]:
+    """The encoded next model and server velocity from a round's exact sum."""
     arrays = decode_tensors(blob, max_bytes=sum(t.nbytes for t in spec.tensors))
-    return encode_tensors(apply_mean_update(arrays, spec, round_sum))
+    velocity = decode_velocity(velocity_blob, size=spec.update_size)
+    step = optimizer.step(arrays, spec, round_sum.mean_update(), velocity)
+    kept = encode_velocity(step.velocity) if step.velocity is not None else None
+    return encode_tensors(step.model), kept

@@ -63,6 +63,11 @@ def model(round_id: int) -> str:
     return f"{PREFIX}model:{round_id}"
 
 
+def velocity(round_id: int) -> str:
+    """Server momentum (float64 bytes) that the step after round ``round_id - 1`` left."""
+    return f"{PREFIX}velocity:{round_id}"
+
+
 def parts(round_id: int, update_id: str, digest: str) -> str:
     """Hash part index -> payload bytes of a multi-part update still being gathered."""
     return f"{PREFIX}round:{{{round_id}}}:parts:{update_id}:{digest[:16]}"

@@ -40,6 +40,8 @@ class FederationRecord:
     status: str = "waiting"  # waiting -> running -> finished
     mode: str = "sync"  # "async": rounds are model versions of buffered updates
     max_staleness: int = 0  # async: versions an update's base may lag the open one
+    server_learning_rate: float = 1.0  # the server's step (see coordinator.rounds.server_optimizer)
+    server_momentum: float = 0.0
 
     def to_public(self) -> dict[str, Any]:
         """JSON-friendly view."""
@@ -165,6 +167,8 @@ class RoundStore:
                 "status": "waiting",
                 "mode": record.mode,
                 "max_staleness": record.max_staleness,
+                "server_learning_rate": record.server_learning_rate,
+                "server_momentum": record.server_momentum,
             },
         )
         return True
@@ -183,6 +187,8 @@ class RoundStore:
             status=raw.get("status", "waiting"),
             mode=raw.get("mode", "sync"),
             max_staleness=int(raw.get("max_staleness") or 0),
+            server_learning_rate=float(raw.get("server_learning_rate") or 1.0),
+            server_momentum=float(raw.get("server_momentum") or 0.0),
         )
 
     async def set_progress(self, *, current_round: int, status: str) -> None:
@@ -310,6 +316,14 @@ class RoundStore:
             return None
         digest = await self.redis.hget(keys.FEDERATION, f"digest:{round_id}")
         return blob, digest.decode() if digest else hashlib.sha256(blob).hexdigest()
+
+    async def put_velocity(self, round_id: int, blob: bytes) -> None:
+        """Store the server momentum that the step into ``round_id`` produced."""
+        await self.redis.set(keys.velocity(round_id), blob)
+
+    async def velocity(self, round_id: int) -> bytes | None:
+        """The server momentum kept for the step after round ``round_id``, if any."""
+        return await self.redis.get(keys.velocity(round_id))
 
     async def model_digest(self, round_id: int) -> str | None:
         """Digest of a round's model without fetching it."""
