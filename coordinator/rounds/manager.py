@@ -21,14 +21,14 @@ from typing import Any
 import numpy as np
 from redis.exceptions import RedisError
 
+from coordinator.rounds.leader import LeaderLease
+from coordinator.rounds.plans import PlanLimits, fit_plan
+from coordinator.rounds.selection import plan_for_client, select_participants
 from coordinator.rounds.server_optimizer import (
     ServerOptimizer,
     decode_velocity,
     encode_velocity,
 )
-from coordinator.rounds.leader import LeaderLease
-from coordinator.rounds.plans import PlanLimits, fit_plan
-from coordinator.rounds.selection import plan_for_client, select_participants
 from coordinator.settings import CoordinatorSettings
 from fedq import metrics
 from fedq.state import PartialSumStore, RoundRecord, RoundStore, StoreUnavailableError
