@@ -106,6 +106,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--noise", type=float, default=None, help="noise multiplier σ")
     parser.add_argument("--clip", type=float, default=None, help="per-sample clip norm C")
     parser.add_argument("--batch-size", type=int, default=None, help="expected Poisson batch")
+    parser.add_argument(
+        "--sample-rate",
+        type=float,
+        default=0.0,
+        help="one Poisson rate for every client (0: batch size over each client's examples)",
+    )
     parser.add_argument("--local-steps", type=int, default=None, help="DP-SGD steps per round")
     parser.add_argument("--lr", type=float, default=None, help="client learning rate")
     parser.add_argument("--rounds", type=int, default=None)
@@ -156,6 +162,7 @@ async def _run_one(args: argparse.Namespace, *, scheme: str) -> dict[str, Any]:
         seed=args.seed,
         server_learning_rate=args.server_lr,
         server_momentum=args.server_momentum,
+        sample_rate=args.sample_rate,
     )
     options = FederationOptions(
         clients=args.clients,
@@ -189,6 +196,7 @@ def _record(
             "noise_multiplier": args.noise,
             "clip_norm": args.clip,
             "batch_size": args.batch_size,
+            "sample_rate": args.sample_rate or "batch size / client examples",
             "local_steps": args.local_steps,
             "learning_rate": args.lr,
             "server_learning_rate": args.server_lr,

@@ -120,6 +120,7 @@ class CoordinatorSettings:
     async_max_staleness: int = 4
     server_learning_rate: float = 1.0
     server_momentum: float = 0.0
+    sample_rate: float = 0.0  # > 0: every client's Poisson rate; 0: from the plan's batch size
 
     def __post_init__(self) -> None:
         if self.rounds < 1 or self.clients_per_round < 1:
@@ -137,6 +138,8 @@ class CoordinatorSettings:
             raise SettingsError(f"FEDQ_MODE={self.mode!r}: expected one of {', '.join(MODES)}")
         if not 0 < self.quorum_fraction <= 1:
             raise SettingsError(f"FEDQ_QUORUM_FRACTION={self.quorum_fraction}: expected (0, 1]")
+        if not 0 <= self.sample_rate <= 1:
+            raise SettingsError(f"FEDQ_SAMPLE_RATE={self.sample_rate}: expected [0, 1]")
         if not self.server_learning_rate > 0:
             raise SettingsError(
                 f"FEDQ_SERVER_LEARNING_RATE={self.server_learning_rate}: expected a number > 0"
@@ -227,4 +230,5 @@ class CoordinatorSettings:
             async_max_staleness=env.int("ASYNC_MAX_STALENESS", 4, minimum=0),
             server_learning_rate=env.float("SERVER_LEARNING_RATE", 1.0, minimum=1e-9),
             server_momentum=env.float("SERVER_MOMENTUM", 0.0, minimum=0.0, maximum=0.999),
+            sample_rate=env.float("SAMPLE_RATE", 0.0, minimum=0.0, maximum=1.0),
         )

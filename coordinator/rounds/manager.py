@@ -219,6 +219,7 @@ class RoundManager:
                 round_id=round_id,
                 deadline=deadline,
                 seed=self._settings.seed,
+                sample_rate=self._settings.sample_rate,
             )
             plan = self._fit(plan, client, federation, budget_s=deadline - now)
             affordable, would_reach = await self._affordable(client.client_id, plan)

@@ -38,16 +38,32 @@ def select_participants(
 
 
 def plan_for_client(
-    base: TrainingPlan, client: ClientRecord, *, round_id: int, deadline: float, seed: int
+    base: TrainingPlan,
+    client: ClientRecord,
+    *,
+    round_id: int,
+    deadline: float,
+    seed: int,
+    sample_rate: float = 0.0,
 ) -> TrainingPlan:
-    """The base plan for one client: its sample rate gives the configured batch size."""
+    """The base plan for one client.
+
+    By default its sample rate gives the configured batch size, so a client with few
+    examples samples a larger share of them per step and spends ε faster. With a fixed
+    ``sample_rate`` every client samples the same share (its batch grows with its data)
+    and the same plan costs every client the same ε.
+    """
     examples = max(1, client.num_examples)
-    sample_rate = min(1.0, base.batch_size / examples)
+    if sample_rate > 0:
+        batch_size = max(1, round(sample_rate * examples))
+    else:
+        batch_size = min(base.batch_size, examples)
+        sample_rate = min(1.0, base.batch_size / examples)
     digest = hashlib.sha256(f"{seed}:{round_id}:{client.client_id}".encode()).digest()
     return base.with_round(
         round_id,
         sample_rate=sample_rate,
-        batch_size=min(base.batch_size, examples),
+        batch_size=batch_size,
         deadline_unix=deadline,
         seed=int.from_bytes(digest[:4], "big"),
     )
