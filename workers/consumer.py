@@ -1,18 +1,25 @@
 """The worker loop: consume queued updates, fold them into partial sums, then ack.
 
-Order of operations per batch: decode and check each update, add its fixed-point
-form to the batch in memory, commit the worker's new cumulative partial sum and
-the batch's update ids in one atomic step, and only then ack the batch's messages.
-A worker killed before the commit loses nothing (the broker redelivers); one killed
-after it counts nothing twice (the ids are recorded with the sum, and the commit of
-whoever gets the redelivery refuses them).
+Order of operations per batch: decode and check each update and add its fixed-point
+form into the round's running sum in memory, commit the worker's new cumulative
+partial sum and the batch's update ids in one atomic step, and only then ack the
+batch's messages. A worker killed before the commit loses nothing (the broker
+redelivers); one killed after it counts nothing twice (the ids are recorded with the
+sum, and the commit of whoever gets the redelivery refuses them).
 
 An update split into several messages (see ``fedq.state.parts``) is gathered in
 Redis part by part; the worker whose part completes it decodes it and treats that
-part's message as the update's delivery. Decoding goes tensor by tensor straight
-into the update's int64 fixed-point vector, so a worker holds the compressed
-payload, one decoded tensor and the fixed-point vectors, never a float64 copy of
-the whole update.
+part's message as the update's delivery.
+
+Memory. A round's running sum is one int64 vector that updates are added into in
+place, tensor by tensor and a slice at a time; a pending update is kept only as its
+compressed payload, which is enough to take it back out exactly (integer
+subtraction) when the commit refuses it. The in-memory sum is a cache of the
+committed one in Redis plus the pending updates: whenever they may have drifted
+apart (a commit whose outcome is unknown, an update that failed its checks halfway)
+the sum is read back from Redis and the pending updates are added again. So a worker
+holds one int64 model-sized vector, the pending payloads, one decoded tensor and
+one piece of the sum being written, never a second model-sized vector.
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ from fedq import metrics
 from fedq.queue import Delivery, UpdateQueue
 from fedq.queue.message import MessageError, QueuedUpdate
 from fedq.state import PartialSumStore, RoundStore
-from fedq.state.partials import fill_fixed_point
+from fedq.state.partials import add_fixed_point
 from fedq.state.parts import PartStash
 from fedq.tasks import cancel_and_wait
 from fedq.tensors import ModelSpec
@@ -50,7 +57,7 @@ _RECONNECT_MAX_S = 10.0
 @dataclass
 class _Pending:
     update_id: str
-    fixed: np.ndarray
+    payload: bytes | bytearray  # kept to take the update back out of the sum
     examples: int
     delivery: Delivery
     digest: str = ""  # set for an update gathered from parts: its parts hash to discard
@@ -58,16 +65,20 @@ class _Pending:
 
 @dataclass
 class _RoundBatch:
-    """Updates of one round waiting for the next commit, and what is committed."""
+    """One round's running sum: the committed partial sum plus the pending updates.
+
+    ``synced`` is False while ``total`` may differ from that sum; the batch is then
+    rebuilt from Redis before it is used.
+    """
 
     round: int
-    size: int
-    committed: np.ndarray
+    total: np.ndarray
     committed_examples: int = 0
     committed_count: int = 0
     pending: list[_Pending] = field(default_factory=list)
     pending_bytes: int = 0
     first_at: float = 0.0
+    synced: bool = False
 
 
 class AggregationWorker:
@@ -132,6 +143,8 @@ class AggregationWorker:
             )
             log.debug("worker failure", exc_info=True)
             for batch in self._batches.values():
+                if batch.pending:  # their updates are in the sum but go back to the queue
+                    batch.synced = False
                 batch.pending, batch.pending_bytes = [], 0
             return False
         finally:
@@ -151,18 +164,8 @@ class AggregationWorker:
         update = await self._weighted(update)
 
         spec = await self._model_spec()
-        try:
-            fixed = await asyncio.get_running_loop().run_in_executor(
-                None, self._to_fixed_point, update, spec
-            )
-        except CodecError as exc:
-            await self._dead_letter(
-                delivery, f"round {update.round}: update {update.update_id}: {exc}"
-            )
-            return
-
         async with self._lock:
-            batch = self._batch(update.round, spec)
+            batch = await self._batch(update.round, spec)
             if any(p.update_id == update.update_id for p in batch.pending):
                 # A second copy of an update already in this batch. A client's retry may
                 # have encoded it anew (q8 rounds at random), so its parts can sit under
@@ -171,12 +174,22 @@ class AggregationWorker:
                     await self._stash.discard(update.round, update.update_id, digest=update.digest)
                 await delivery.ack()
                 return
+            try:
+                await self._apply(batch, update.payload, update.num_examples)
+            except CodecError as exc:
+                await self._dead_letter(
+                    delivery, f"round {update.round}: update {update.update_id}: {exc}"
+                )
+                return
+
             if not batch.pending:
                 batch.first_at = time.monotonic()
             batch.pending.append(
-                _Pending(update.update_id, fixed, update.num_examples, delivery, update.digest)
+                _Pending(
+                    update.update_id, update.payload, update.num_examples, delivery, update.digest
+                )
             )
-            batch.pending_bytes += fixed.nbytes
+            batch.pending_bytes += len(update.payload)
             if (
                 len(batch.pending) >= self._settings.batch_updates
                 or batch.pending_bytes >= self._settings.batch_bytes
@@ -238,26 +251,68 @@ class AggregationWorker:
             self._planned[key] = plan.local_steps if plan is not None else 0
         return self._planned[key]
 
-    def _to_fixed_point(self, update: QueuedUpdate, spec: ModelSpec) -> np.ndarray:
+    async def _apply(
+        self,
+        batch: _RoundBatch,
+        payload: bytes | bytearray,
+        examples: int,
+        *,
+        subtract: bool = False,
+    ) -> None:
+        """Add an update's fixed-point form into the batch's sum (or take it back out).
+
+        Raises:
+            CodecError: the payload does not fit the model. Tensors before the faulty
+                one were already added, so the batch is marked for a rebuild.
+        """
+        spec = await self._model_spec()
+        try:
+            await asyncio.get_running_loop().run_in_executor(
+                None, self._add_update, batch.total, payload, examples, spec, subtract
+            )
+        except BaseException:
+            batch.synced = False
+            raise
+
+    def _add_update(
+        self,
+        total: np.ndarray,
+        payload: bytes | bytearray,
+        examples: int,
+        spec: ModelSpec,
+        subtract: bool,
+    ) -> None:
         trainable = {t.name: t for t in spec.trainable}
         offsets, start = {}, 0
         for t in spec.trainable:
             offsets[t.name], start = start, start + t.size
 
-        fixed = np.empty(spec.update_size, dtype=np.int64)
         seen = set()
-        tensors = iter_tensors(update.payload, max_bytes=spec.update_nbytes, expected=spec)
-        for name, array in tensors:
+        for name, array in iter_tensors(payload, max_bytes=spec.update_nbytes, expected=spec):
             t = trainable[name]
             validate_tensor(name, array, t, max_abs_value=self._settings.max_abs_value)
             begin = offsets[name]
-            fill_fixed_point(fixed[begin : begin + t.size], array.reshape(-1), update.num_examples)
+            window = total[begin : begin + t.size]
+            add_fixed_point(window, array.reshape(-1), examples, subtract=subtract)
             seen.add(name)
 
         missing = sorted(set(trainable) - seen)
         if missing:
             raise CodecError(f"update lacks tensors {missing[:5]} of the model")
-        return fixed
+
+    async def _resync(self, batch: _RoundBatch) -> None:
+        """Rebuild the sum: the committed partial sum from Redis plus the pending updates."""
+        committed = await self._partials.load(batch.round, owner=self.worker_id, out=batch.total)
+        if committed is None:
+            batch.total = np.zeros(batch.total.size, dtype=np.int64)
+            committed = (0, 0)
+        else:
+            log.info("round %d: worker %s reloaded its partial sum", batch.round, self.worker_id)
+        batch.committed_examples, batch.committed_count = committed
+
+        for p in batch.pending:
+            await self._apply(batch, p.payload, p.examples)
+        batch.synced = True
 
     async def _flush_on_time(self) -> None:
         while True:
@@ -275,6 +330,8 @@ class AggregationWorker:
         """Commit the batch's pending updates, then ack them (caller holds the lock)."""
         started = batch.first_at
         while batch.pending:
+            if not batch.synced:
+                await self._resync(batch)
             known = await self._partials.already_applied(
                 batch.round, [p.update_id for p in batch.pending]
             )
@@ -282,19 +339,21 @@ class AggregationWorker:
             if not batch.pending:
                 break
 
-            total = batch.committed.copy()
-            for p in batch.pending:
-                total += p.fixed
             examples = batch.committed_examples + sum(p.examples for p in batch.pending)
             count = batch.committed_count + len(batch.pending)
-            outcome = await self._partials.commit(
-                batch.round,
-                owner=self.worker_id,
-                total=total,
-                examples=examples,
-                count=count,
-                update_ids=[p.update_id for p in batch.pending],
-            )
+            try:
+                outcome = await self._partials.commit(
+                    batch.round,
+                    owner=self.worker_id,
+                    total=batch.total,
+                    examples=examples,
+                    count=count,
+                    update_ids=[p.update_id for p in batch.pending],
+                )
+            except BaseException:
+                # Redis may or may not have taken the commit: rebuild before the next one.
+                batch.synced = False
+                raise
 
             if outcome.status == "duplicate":
                 await self._settle_known(batch, set(outcome.duplicates))
@@ -304,11 +363,7 @@ class AggregationWorker:
                 return
 
             done, batch.pending, batch.pending_bytes = batch.pending, [], 0
-            batch.committed, batch.committed_examples, batch.committed_count = (
-                total,
-                examples,
-                count,
-            )
+            batch.committed_examples, batch.committed_count = examples, count
             for p in done:
                 await p.delivery.ack()
             await self._discard_parts(batch.round, done)
@@ -326,18 +381,23 @@ class AggregationWorker:
                 await self._stash.discard(round_id, p.update_id, digest=p.digest)
 
     async def _settle_known(self, batch: _RoundBatch, known: set[str]) -> None:
-        if not known:
+        """Take updates some partial sum already counts out of the sum, and ack them."""
+        settled = [p for p in batch.pending if p.update_id in known]
+        if not settled:
             return
-        await self._discard_parts(batch.round, [p for p in batch.pending if p.update_id in known])
-        for p in [p for p in batch.pending if p.update_id in known]:
+        for p in settled:
+            await self._apply(batch, p.payload, p.examples, subtract=True)
+        batch.pending = [p for p in batch.pending if p.update_id not in known]
+        batch.pending_bytes = sum(len(p.payload) for p in batch.pending)
+
+        await self._discard_parts(batch.round, settled)
+        for p in settled:
             log.info(
                 "round %d: update %s already counted; acking the redelivery",
                 batch.round,
                 p.update_id,
             )
             await p.delivery.ack()
-        batch.pending = [p for p in batch.pending if p.update_id not in known]
-        batch.pending_bytes = sum(p.fixed.nbytes for p in batch.pending)
 
     async def _drop_late(self, batch: _RoundBatch, round_status: str) -> None:
         # The round stopped taking updates only after every acknowledged update was
@@ -357,14 +417,18 @@ class AggregationWorker:
         metrics.DEAD_LETTERS.labels(reason=reason.split(":")[0][:40]).inc()
         await self._queue.dead_letter(delivery, reason=reason)
 
-    def _batch(self, round_id: int, spec: ModelSpec) -> _RoundBatch:
+    async def _batch(self, round_id: int, spec: ModelSpec) -> _RoundBatch:
+        """The round's batch, rebuilt from Redis if needed (caller holds the lock)."""
+        # Only one model-sized sum stays in memory: another round's idle batch is
+        # dropped, and read back from Redis should an update of that round come.
+        for old in [r for r, b in self._batches.items() if r != round_id and not b.pending]:
+            del self._batches[old]
         batch = self._batches.get(round_id)
         if batch is None:
-            for old in [r for r, b in self._batches.items() if r < round_id - 1 and not b.pending]:
-                del self._batches[old]
-            size = spec.update_size
-            batch = _RoundBatch(round_id, size, committed=np.zeros(size, dtype=np.int64))
+            batch = _RoundBatch(round_id, np.zeros(spec.update_size, dtype=np.int64))
             self._batches[round_id] = batch
+        if not batch.synced:
+            await self._resync(batch)
         return batch
 
     async def _model_spec(self) -> ModelSpec:

@@ -58,6 +58,11 @@ def partial(round_id: int, owner: str) -> str:
     return f"{PREFIX}round:{{{round_id}}}:partial:{owner}"
 
 
+def partial_staging(round_id: int, owner: str) -> str:
+    """Hash of the sum fields a commit of ``owner`` writes before renaming it into place."""
+    return f"{PREFIX}round:{{{round_id}}}:staging:{owner}"
+
+
 def model(round_id: int) -> str:
     """Encoded global model that clients train in round ``round_id``."""
     return f"{PREFIX}model:{round_id}"

@@ -9,13 +9,16 @@ whatever the order of arrival, the number of workers, failures or replays. With
 
 Atomic commits. Each worker owns one partial-sum hash per round and rewrites it
 whole (it keeps the committed value in memory), so workers never contend on a key.
-A commit is one Lua script: it refuses the batch if the round no longer takes
-updates or if any update id is already counted, and otherwise writes the new sum
-and records the ids in the same step. A worker killed at any instant therefore
-leaves either the old partial sum with the old ids or the new one with the new ids.
-A sum larger than ``SUM_FIELD_BYTES`` is written as several fields (``sum``,
-``sum.1``, ...) because Redis refuses one argument above 512 MiB
-(``proto-max-bulk-len``); a 100M-parameter sum is 800 MB.
+The sum is stored as fields of at most ``SUM_FIELD_BYTES`` (``sum``, ``sum.1``, ...).
+A commit first writes those fields one command at a time into a staging hash of its
+own, then runs one Lua script: it refuses the batch if the round no longer takes
+updates or if any update id is already counted, and otherwise renames the staging
+hash over the partial sum and records the ids in the same step. A worker killed at
+any instant therefore leaves either the old partial sum with the old ids or the new
+one with the new ids; a staging hash it leaves behind expires after
+``STAGING_TTL_S``. Writing piece by piece keeps a 100M-parameter sum (800 MB) from
+being copied whole into the client's socket buffers and under Redis's 512 MiB limit
+on one argument (``proto-max-bulk-len``).
 """
 
 from __future__ import annotations
@@ -30,8 +33,11 @@ from fedq.state import keys
 
 __all__ = [
     "SCALE_BITS",
+    "SUM_FIELD_BYTES",
     "CommitOutcome",
     "PartialSumStore",
+    "StagingLostError",
+    "add_fixed_point",
     "fill_fixed_point",
     "to_fixed_point",
 ]
@@ -40,21 +46,26 @@ log = logging.getLogger(__name__)
 
 SCALE_BITS = 20
 _SCALE = float(2**SCALE_BITS)
-SUM_FIELD_BYTES = 256 << 20
+SUM_FIELD_BYTES = 16 << 20
+STAGING_TTL_S = 3600
 _CHUNK = 1 << 20
 
-# KEYS: round hash, applied hash, partial hash, partials set.
-# ARGV: partial key, sum fields, examples, count, update ids...
-# (sum fields: their number n, then n byte strings, stored as sum, sum.1, ...)
+# KEYS: staging hash. ARGV: field, bytes, ttl in ms.
+_STAGE = """
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return 1
+"""
+
+# KEYS: round hash, applied hash, partial hash, partials set, staging hash.
+# ARGV: partial key, number of sum fields staged, examples, count, update ids...
 _COMMIT = """
 local status = redis.call('HGET', KEYS[1], 'status')
 if status ~= 'open' and status ~= 'closing' then
   return {'closed', status or 'missing'}
 end
-local n = tonumber(ARGV[2])
-local first = n + 5
 local dups = {'duplicate'}
-for i = first, #ARGV do
+for i = 5, #ARGV do
   if redis.call('HEXISTS', KEYS[2], ARGV[i]) == 1 then
     table.insert(dups, ARGV[i])
   end
@@ -62,19 +73,23 @@ end
 if #dups > 1 then
   return dups
 end
-redis.call('DEL', KEYS[3])
-redis.call('HSET', KEYS[3], 'sum', ARGV[3], 'examples', ARGV[n + 3], 'count', ARGV[n + 4],
-           'sum_fields', n)
-for k = 2, n do
-  redis.call('HSET', KEYS[3], 'sum.' .. (k - 1), ARGV[k + 2])
+if redis.call('HLEN', KEYS[5]) ~= tonumber(ARGV[2]) then
+  return {'unstaged'}
 end
-for i = first, #ARGV do
+redis.call('HSET', KEYS[5], 'examples', ARGV[3], 'count', ARGV[4], 'sum_fields', ARGV[2])
+redis.call('RENAME', KEYS[5], KEYS[3])
+redis.call('PERSIST', KEYS[3])
+for i = 5, #ARGV do
   redis.call('HSET', KEYS[2], ARGV[i], ARGV[1])
 end
 redis.call('SADD', KEYS[4], ARGV[1])
-redis.call('HINCRBY', KEYS[1], 'aggregated', #ARGV - first + 1)
+redis.call('HINCRBY', KEYS[1], 'aggregated', #ARGV - 4)
 return {'ok'}
 """
+
+
+class StagingLostError(RuntimeError):
+    """The staged sum fields vanished before the commit (expired or evicted); retry."""
 
 
 def to_fixed_point(flat_update: np.ndarray, num_examples: int) -> np.ndarray:
@@ -93,6 +108,23 @@ def fill_fixed_point(out: np.ndarray, flat_update: np.ndarray, num_examples: int
         scaled = np.multiply(flat_update[start : start + _CHUNK].astype(np.float64), factor)
         np.rint(scaled, out=scaled)
         out[start : start + scaled.size] = scaled
+
+
+def add_fixed_point(
+    total: np.ndarray, flat_update: np.ndarray, num_examples: int, *, subtract: bool = False
+) -> None:
+    """Add (or subtract) ``to_fixed_point(flat_update, num_examples)`` into ``total`` in place.
+
+    Works a slice at a time, so it needs no int64 or float64 copy of the whole
+    update. Adding and then subtracting the same update restores ``total`` exactly.
+    """
+    factor = float(num_examples) * _SCALE
+    combine = np.subtract if subtract else np.add
+    for start in range(0, flat_update.size, _CHUNK):
+        scaled = np.multiply(flat_update[start : start + _CHUNK].astype(np.float64), factor)
+        np.rint(scaled, out=scaled)
+        target = total[start : start + scaled.size]
+        combine(target, scaled.astype(np.int64), out=target)
 
 
 @dataclass
@@ -124,6 +156,7 @@ class PartialSumStore:
 
     def __init__(self, redis: aioredis.Redis) -> None:
         self._redis = redis
+        self._stage = redis.register_script(_STAGE)
         self._commit = redis.register_script(_COMMIT)
 
     async def commit(
@@ -136,15 +169,25 @@ class PartialSumStore:
         count: int,
         update_ids: list[str],
     ) -> CommitOutcome:
-        """Write ``owner``'s cumulative partial sum and count ``update_ids``, atomically."""
-        key = keys.partial(round_id, owner)
-        # Views, not copies: the sum can be most of this process's memory.
-        raw = memoryview(np.ascontiguousarray(total.astype("<i8", copy=False))).cast("B")
-        fields = [raw[i : i + SUM_FIELD_BYTES] for i in range(0, len(raw), SUM_FIELD_BYTES)]
-        fields = fields or [raw]
+        """Write ``owner``'s cumulative partial sum and count ``update_ids``, atomically.
+
+        ``total`` must not change until this returns: its fields are sent from it
+        directly, one at a time.
+
+        Raises:
+            StagingLostError: the staged fields vanished before the commit script ran.
+        """
+        key, staging = keys.partial(round_id, owner), keys.partial_staging(round_id, owner)
+        staged = await self._write_staging(staging, total)
         reply = await self._commit(
-            keys=[keys.round_hash(round_id), keys.applied(round_id), key, keys.partials(round_id)],
-            args=[key, len(fields), *fields, examples, count, *update_ids],
+            keys=[
+                keys.round_hash(round_id),
+                keys.applied(round_id),
+                key,
+                keys.partials(round_id),
+                staging,
+            ],
+            args=[key, staged, examples, count, *update_ids],
         )
 
         status = _text(reply[0])
@@ -152,7 +195,16 @@ class PartialSumStore:
             return CommitOutcome("ok")
         if status == "duplicate":
             return CommitOutcome("duplicate", duplicates=[_text(x) for x in reply[1:]])
+        if status == "unstaged":
+            raise StagingLostError(f"round {round_id}: staged sum of {owner} vanished; retry")
         return CommitOutcome("closed", round_status=_text(reply[1]))
+
+    async def load(self, round_id: int, *, owner: str, out: np.ndarray) -> tuple[int, int] | None:
+        """Copy ``owner``'s committed sum into ``out``; its (examples, count), or ``None``.
+
+        ``None`` (and ``out`` untouched) when ``owner`` committed nothing in the round.
+        """
+        return await self._read_sum(keys.partial(round_id, owner), out, add=False)
 
     async def already_applied(self, round_id: int, update_ids: list[str]) -> set[str]:
         """The subset of ``update_ids`` that some partial sum already counts."""
@@ -166,22 +218,61 @@ class PartialSumStore:
         return {_text(k) for k in await self._redis.hkeys(keys.applied(round_id))}
 
     async def round_sum(self, round_id: int, *, size: int) -> RoundSum:
-        """Add up every partial sum of the round (call once the round stopped taking updates)."""
+        """Add up every partial sum of the round (call once the round stopped taking updates).
+
+        Reads one field at a time, so it holds the total plus one field.
+        """
         total = np.zeros(size, dtype=np.int64)
         examples = count = 0
         for key in sorted(await self._redis.smembers(keys.partials(round_id))):
-            fields = await self._redis.hmget(key, ["sum", "examples", "count", "sum_fields"])
-            if fields[0] is None:
-                continue
-            more = [f"sum.{k}" for k in range(1, int(fields[3] or 1))]
-            rest = await self._redis.hmget(key, more) if more else []
-            part = np.frombuffer(b"".join([fields[0], *rest]), dtype="<i8")
-            if part.size != size:
-                raise ValueError(f"partial sum {_text(key)} has {part.size} values, want {size}")
-            total += part
-            examples += int(fields[1])
-            count += int(fields[2])
+            found = await self._read_sum(key, total, add=True)
+            if found is not None:
+                examples += found[0]
+                count += found[1]
         return RoundSum(total=total, examples=examples, count=count)
+
+    async def _write_staging(self, staging: str, total: np.ndarray) -> int:
+        """Write ``total`` into a fresh staging hash; returns how many fields it took."""
+        # Views, not copies: the sum can be most of this process's memory.
+        raw = memoryview(np.ascontiguousarray(total.astype("<i8", copy=False))).cast("B")
+        ttl_ms = STAGING_TTL_S * 1000
+        await self._redis.unlink(staging)
+
+        starts = range(0, len(raw), SUM_FIELD_BYTES) if len(raw) else [0]
+        for k, start in enumerate(starts):
+            piece = raw[start : start + SUM_FIELD_BYTES]
+            await self._stage(keys=[staging], args=[_sum_field(k), piece, ttl_ms])
+        return len(starts)
+
+    async def _read_sum(
+        self, key: bytes | str, out: np.ndarray, *, add: bool
+    ) -> tuple[int, int] | None:
+        """Copy (or add) the sum stored at ``key`` into ``out``; (examples, count) or ``None``."""
+        head = await self._redis.hmget(key, ["examples", "count", "sum_fields"])
+        if head[0] is None:
+            return None
+
+        at = 0
+        for k in range(int(head[2] or 1)):
+            data = await self._redis.hget(key, _sum_field(k))
+            if data is None:
+                raise ValueError(f"partial sum {_text(key)} lacks its field {_sum_field(k)}")
+            part = np.frombuffer(data, dtype="<i8")
+            if at + part.size > out.size:
+                raise ValueError(f"partial sum {_text(key)} holds more than {out.size} values")
+            target = out[at : at + part.size]
+            if add:
+                target += part
+            else:
+                target[...] = part
+            at += part.size
+        if at != out.size:
+            raise ValueError(f"partial sum {_text(key)} has {at} values, want {out.size}")
+        return int(head[0]), int(head[1])
+
+
+def _sum_field(k: int) -> str:
+    return "sum" if k == 0 else f"sum.{k}"
 
 
 def _text(value: bytes | str | int) -> str:
