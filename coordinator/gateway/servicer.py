@@ -36,6 +36,7 @@ from fedq.plan import TrainingPlan
 from fedq.queue import QueueUnavailableError, UpdateQueue
 from fedq.queue.message import QueuedUpdate
 from fedq.state import RoundStore, StoreUnavailableError
+from fedq.state.rounds import SubmissionView
 from fedq.state.versions import AsyncVersions
 from fedq.tensors import ModelSpec
 from proto import fedq_v1_pb2 as pb
@@ -71,6 +72,7 @@ class FederationServicer(pb_grpc.FederationServicer):
         self._spec: ModelSpec | None = None
         self._models: dict[int, tuple[bytes, str]] = {}
         self._mode: tuple[str, int] | None = None  # (mode, max staleness); fixed per federation
+        self._federation_read = asyncio.Lock()
         self._versions = AsyncVersions(store.redis)
 
     # -- Join -------------------------------------------------------------------------------
@@ -149,10 +151,9 @@ class FederationServicer(pb_grpc.FederationServicer):
         async with _as_grpc_status(context, "SubmitUpdate"):
             header = await read_header(request_iterator)
             metrics.UPDATES_RECEIVED.inc()
-            await self._authenticate(header.client_id, header.token)
-
             asynchronous = await self._asynchronous()
-            if await self._is_duplicate(header, asynchronous=asynchronous):
+            into = await self._admit(header, asynchronous=asynchronous)
+            if into is None:
                 log.info(
                     "round %d: update %s from %s is a duplicate",
                     header.round,
@@ -164,11 +165,6 @@ class FederationServicer(pb_grpc.FederationServicer):
                     update_id=header.update_id,
                     message="already accepted",
                 )
-            if asynchronous:
-                into = await self._check_admissible_async(header)
-            else:
-                await self._check_admissible(header)
-                into = header.round
 
             spec = await self._model_spec()
             payload = await read_payload(
@@ -243,17 +239,39 @@ class FederationServicer(pb_grpc.FederationServicer):
             raise AuthError("unknown client or invalid token; call Join again")
 
     async def _asynchronous(self) -> bool:
-        if self._mode is None:
-            federation = await self._store.federation()
-            if federation is None:
-                return False
-            self._mode = (federation.mode, federation.max_staleness)
-        return self._mode[0] == "async"
+        await self._read_federation()
+        return self._mode is not None and self._mode[0] == "async"
 
-    async def _is_duplicate(self, header: pb.UpdateHeader, *, asynchronous: bool) -> bool:
+    async def _read_federation(self) -> None:
+        """Read the federation's fixed facts (mode, model spec) once per gateway."""
+        if self._spec is not None:
+            return
+        # A burst of first uploads waits for one read instead of each parsing the spec.
+        async with self._federation_read:
+            if self._spec is None:
+                federation = await self._store.federation()
+                if federation is not None:
+                    self._mode = (federation.mode, federation.max_staleness)
+                    self._spec = federation.spec
+
+    async def _admit(self, header: pb.UpdateHeader, *, asynchronous: bool) -> int | None:
+        """Authenticate and check an update: the round it goes into, None if a duplicate."""
         if asynchronous:
-            return await self._versions.version_of(header.update_id) is not None
-        return await self._store.is_accepted(header.round, header.update_id)
+            await self._authenticate(header.client_id, header.token)
+            if await self._versions.version_of(header.update_id) is not None:
+                return None
+            return await self._check_admissible_async(header)
+
+        # One round trip reads all that the checks of a synchronous round need.
+        view = await self._store.submission_view(
+            header.round, client_id=header.client_id, token=header.token, update_id=header.update_id
+        )
+        if not view.token_valid:
+            raise AuthError("unknown client or invalid token; call Join again")
+        if view.accepted:
+            return None
+        await self._check_admissible(header, view)
+        return header.round
 
     async def _check_admissible_async(self, header: pb.UpdateHeader) -> int:
         """Check an update of asynchronous mode; returns the open version it goes into.
@@ -292,23 +310,23 @@ class FederationServicer(pb_grpc.FederationServicer):
     async def _check_budget(self, client_id: str) -> None:
         if self._ledger is None:
             return
-        spent = await self._ledger.spent(client_id)
-        budget = await self._ledger.budget(client_id)
+        spent, budget = await self._ledger.standing(client_id)
         if spent > budget + 1e-9:
             raise BudgetExhaustedError(
                 f"privacy budget exhausted: ε spent {spent:.3f} of {budget:.3f} allowed"
             )
 
-    async def _check_admissible(self, header: pb.UpdateHeader) -> None:
-        status = await self._store.round_status(header.round)
-        if status is None:
+    async def _check_admissible(self, header: pb.UpdateHeader, view: SubmissionView) -> None:
+        """Check an update of synchronous mode against the state read with it."""
+        if view.status is None:
             raise RoundStateError(f"round {header.round} does not exist")
-        if status != "open":
-            raise RoundStateError(f"round {header.round} is {status}; it no longer takes updates")
+        if view.status != "open":
+            raise RoundStateError(
+                f"round {header.round} is {view.status}; it no longer takes updates"
+            )
 
-        plan = await self._store.plan_for(header.round, header.client_id)
-        if plan is None:
-            reason = await self._store.exclusion_of(header.round, header.client_id)
+        if view.plan is None:
+            reason = view.exclusion
             if reason is not None and reason.startswith("privacy budget"):
                 raise BudgetExhaustedError(reason)
             raise NotParticipantError(
@@ -316,7 +334,7 @@ class FederationServicer(pb_grpc.FederationServicer):
             )
         await self._check_budget(header.client_id)
 
-        earlier = await self._store.submission_of(header.round, header.client_id)
+        earlier = view.earlier
         if earlier is not None and earlier != header.update_id:
             raise ConflictError(
                 f"client {header.client_id} already submitted update {earlier} "
@@ -386,11 +404,9 @@ class FederationServicer(pb_grpc.FederationServicer):
             await self._versions.mark(header.update_id, into)
 
     async def _model_spec(self) -> ModelSpec:
+        await self._read_federation()
         if self._spec is None:
-            federation = await self._store.federation()
-            if federation is None:
-                raise RoundStateError("the federation has not started")
-            self._spec = federation.spec
+            raise RoundStateError("the federation has not started")
         return self._spec
 
     def _max_update_bytes(self, spec: ModelSpec) -> int:

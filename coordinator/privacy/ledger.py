@@ -36,6 +36,7 @@ BUDGET_KEY = "{prefix}budget:{client_id}"
 CLIENTS_KEY = "{prefix}ledger_clients"
 
 _MAX_WATCH_RETRIES = 20
+_MAX_HISTORIES = 4096  # distinct charge histories whose ε is kept
 
 
 class PrivacyLedgerError(Exception):
@@ -121,6 +122,18 @@ class PrivacyLedger:
             charges = _decode_charges(await self._redis.hgetall(key))
 
         return await self._spent_of(client_id, charges)
+
+    async def standing(self, client_id: str) -> tuple[float, float]:
+        """ε the client has spent and its ε budget, read in one round trip."""
+        _check_client_id(client_id)
+        async with self._errors(f"read ledger of client {client_id}"):
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.hgetall(self._charges_key(client_id))
+            pipe.get(self._budget_key(client_id))
+            raw_charges, raw_budget = await pipe.execute()
+
+        budget = self.default_budget if raw_budget is None else float(_text(raw_budget))
+        return await self._spent_of(client_id, _decode_charges(raw_charges)), budget
 
     async def budget(self, client_id: str) -> float:
         """The client's ε budget: its override if set, else the ledger's default."""
@@ -260,10 +273,19 @@ class PrivacyLedger:
         return eps
 
     async def _compute(self, charges: list[Charge]) -> float:
+        # Clients handed the same plans share a history, so a gateway computes each
+        # distinct one once instead of once per client and round.
+        history = tuple((c.dp_mode, c.noise_multiplier, c.sample_rate, c.steps) for c in charges)
+        eps = self._cache.of_history(history)
+        if eps is not None:
+            return eps
+
         # Accounting takes tens of milliseconds (more with PRV): keep it off the event loop.
-        return await asyncio.to_thread(
+        eps = await asyncio.to_thread(
             epsilon, charges, delta=self.delta, accountant=self.accountant
         )
+        self._cache.put_history(history, eps)
+        return eps
 
     def _charges_key(self, client_id: str) -> str:
         return CHARGES_KEY.format(prefix=self.prefix, client_id=client_id)
@@ -284,11 +306,14 @@ class _EpsilonCache:
     """ε per client, keyed by how many charges the ledger held when it was computed.
 
     Charges are only ever added, one per round, so the count identifies the ledger's state.
+    ε also depends on nothing but the charges' mechanisms in order (not on their rounds),
+    so it is kept by that history too.
     """
 
     def __init__(self) -> None:
         self._spent: dict[str, tuple[int, float]] = {}
         self._next: dict[str, tuple[int, Charge, float]] = {}
+        self._histories: dict[tuple[Any, ...], float] = {}
 
     def spent(self, client_id: str, count: int) -> float | None:
         hit = self._spent.get(client_id)
@@ -303,6 +328,14 @@ class _EpsilonCache:
 
     def put_next(self, client_id: str, count: int, charge: Charge, eps: float) -> None:
         self._next[client_id] = (count, charge, eps)
+
+    def of_history(self, history: tuple[Any, ...]) -> float | None:
+        return self._histories.get(history)
+
+    def put_history(self, history: tuple[Any, ...], eps: float) -> None:
+        if len(self._histories) >= _MAX_HISTORIES:
+            self._histories.clear()
+        self._histories[history] = eps
 
 
 def _decode_charges(raw: dict[Any, Any]) -> list[Charge]:

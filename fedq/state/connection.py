@@ -14,6 +14,9 @@ __all__ = ["StoreUnavailableError", "connect_redis", "embedded_server"]
 
 log = logging.getLogger(__name__)
 
+MAX_CONNECTIONS = 64  # per process; pipelined commands keep the need small
+POOL_WAIT_S = 20.0  # longest wait for a free connection before the store counts as down
+
 _EMBEDDED: Any = None
 
 
@@ -42,9 +45,17 @@ async def connect_redis(url: str | None) -> aioredis.Redis:
 
         return fakeredis.FakeAsyncRedis(server=embedded_server())
 
-    client = aioredis.Redis.from_url(
-        url, socket_connect_timeout=5, socket_keepalive=True, health_check_interval=15
+    # A blocking pool: past MAX_CONNECTIONS commands wait for a free connection instead
+    # of failing with "Too many connections", as a burst of 1,000 uploads would otherwise.
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url,
+        max_connections=MAX_CONNECTIONS,
+        timeout=POOL_WAIT_S,
+        socket_connect_timeout=5,
+        socket_keepalive=True,
+        health_check_interval=15,
     )
+    client = aioredis.Redis.from_pool(pool)
     try:
         await client.ping()
     except (RedisError, OSError) as exc:

@@ -21,7 +21,14 @@ from fedq.plan import TrainingPlan
 from fedq.state import keys
 from fedq.tensors import ModelSpec
 
-__all__ = ["ClientRecord", "FederationRecord", "FencedError", "RoundRecord", "RoundStore"]
+__all__ = [
+    "ClientRecord",
+    "FederationRecord",
+    "FencedError",
+    "RoundRecord",
+    "RoundStore",
+    "SubmissionView",
+]
 
 # Round statuses. ``open`` takes uploads; ``closing`` takes no new uploads but still
 # aggregates what the gateways acknowledged; ``finalized`` has its model computed.
@@ -109,6 +116,18 @@ class ClientRecord:
     joined_at: float
     last_seen: float
     capabilities: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SubmissionView:
+    """What a gateway checks before it takes an update for a round."""
+
+    token_valid: bool
+    accepted: bool  # this update id was already acknowledged in the round
+    status: str | None  # None: the round never opened
+    plan: TrainingPlan | None  # None: the client is not a participant
+    exclusion: str | None  # why the client was left out, if for a stated reason
+    earlier: str | None  # the update id the client already submitted in the round
 
 
 class FencedError(RuntimeError):
@@ -278,6 +297,30 @@ class RoundStore:
 
     # -- acceptance (gateway side) ----------------------------------------------------------
 
+    async def submission_view(
+        self, round_id: int, *, client_id: str, token: str, update_id: str
+    ) -> SubmissionView:
+        """Everything a gateway checks before taking an update, in one round trip."""
+        # Not a MULTI: the client's hash lies outside the round's hash tag, and these
+        # reads were never atomic together; one pipeline just saves the round trips.
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hget(keys.client(client_id), "token_sha256")
+        pipe.sismember(keys.accepted(round_id), update_id)
+        pipe.hget(keys.round_hash(round_id), "status")
+        pipe.hget(keys.plans(round_id), client_id)
+        pipe.hget(keys.excluded(round_id), client_id)
+        pipe.hget(keys.submitted(round_id), client_id)
+        stored, accepted, status, plan, reason, earlier = await pipe.execute()
+
+        return SubmissionView(
+            token_valid=_token_matches(stored, token),
+            accepted=bool(accepted),
+            status=_text(status),
+            plan=TrainingPlan.from_dict(msgpack.unpackb(plan)) if plan is not None else None,
+            exclusion=_text(reason),
+            earlier=_text(earlier),
+        )
+
     async def submission_of(self, round_id: int, client_id: str) -> str | None:
         """The update id a client already submitted in a round, if any."""
         value = await self.redis.hget(keys.submitted(round_id), client_id)
@@ -355,10 +398,7 @@ class RoundStore:
 
     async def check_token(self, client_id: str, token: str) -> bool:
         """Whether ``token`` is the current token of ``client_id``."""
-        stored = await self.redis.hget(keys.client(client_id), "token_sha256")
-        if stored is None or not token:
-            return False
-        return hmac.compare_digest(stored.decode(), _token_digest(token))
+        return _token_matches(await self.redis.hget(keys.client(client_id), "token_sha256"), token)
 
     async def touch_client(self, client_id: str) -> None:
         """Note that a client is alive."""
@@ -389,6 +429,16 @@ class RoundStore:
 
 def _token_digest(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
+
+
+def _token_matches(stored: bytes | None, token: str) -> bool:
+    if stored is None or not token:
+        return False
+    return hmac.compare_digest(stored.decode(), _token_digest(token))
+
+
+def _text(value: bytes | None) -> str | None:
+    return value.decode() if value is not None else None
 
 
 def _decode(raw: dict[bytes, bytes]) -> dict[str, str]:
