@@ -70,7 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     _fill_defaults(args)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
-    command = shlex.join([sys.executable, *sys.argv]) if argv is None else shlex.join(argv)
+    command = shlex.join(
+        ["python", "-m", "benchmarks.privacy_mnist", *(sys.argv[1:] if argv is None else argv)]
+    )
     print(f"{args.dataset}: {_DATA_NOTES[args.dataset]}", flush=True)
 
     runs = []
