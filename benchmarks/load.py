@@ -132,7 +132,7 @@ async def run_load(
         results = await asyncio.gather(*tasks)
         submitted_s = time.perf_counter() - began
         accepted = sum(1 for outcome, _ in results if outcome == "ACCEPTED")
-        while len(await bench.partials.applied_ids(1)) < accepted:
+        while await bench.partials.applied_count(1) < accepted:
             if any(p.poll() is not None for p in bench.workers):
                 raise RuntimeError("a worker exited")
             await asyncio.sleep(0.02)

@@ -153,6 +153,7 @@ async def test_a_redelivered_update_is_counted_once(redis, queue):
         total = await PartialSumStore(redis).round_sum(1, size=spec.update_size)
         assert total.count == 1 and total.examples == 10
         assert await PartialSumStore(redis).applied_ids(1) == {"a-r1"}
+        assert await PartialSumStore(redis).applied_count(1) == 1
     finally:
         await stack.close()
 

@@ -217,6 +217,10 @@ class PartialSumStore:
         """Every update id counted in the round."""
         return {_text(k) for k in await self._redis.hkeys(keys.applied(round_id))}
 
+    async def applied_count(self, round_id: int) -> int:
+        """How many update ids the round's partial sums count."""
+        return int(await self._redis.hlen(keys.applied(round_id)))
+
     async def round_sum(self, round_id: int, *, size: int) -> RoundSum:
         """Add up every partial sum of the round (call once the round stopped taking updates).
 
