@@ -25,7 +25,7 @@ from typing import Any
 import grpc
 import numpy as np
 
-from benchmarks.stack import peak_rss_bytes, rss_bytes, start_bench
+from benchmarks.stack import cpu_seconds, peak_rss_bytes, rss_bytes, start_bench
 from benchmarks.updates import dp_update, model_shapes
 from fedq.state.partials import fill_fixed_point
 from fedq.tensors import ModelSpec
@@ -127,6 +127,7 @@ async def run_load(
             )
             for i, r in enumerate(requests)
         ]
+        cpu_before = _cpu_by_service(bench)
         began = time.perf_counter()
         start.set()
         results = await asyncio.gather(*tasks)
@@ -137,6 +138,7 @@ async def run_load(
                 raise RuntimeError("a worker exited")
             await asyncio.sleep(0.02)
         committed_s = time.perf_counter() - began
+        cpu_after = _cpu_by_service(bench)
         await asyncio.sleep(0.5)
         total = await bench.partials.round_sum(1, size=expected.size)
         for name, process in bench.processes().items():
@@ -166,11 +168,36 @@ async def run_load(
         "payload_bytes_per_update": int(np.mean([len(p) for p in payloads])),
         "wire_bytes_per_update": int(np.mean(wire_bytes)),
         "peak_rss_bytes": peaks,
+        "cpu_seconds": {
+            name: round(cpu_after[name] - cpu_before.get(name, 0.0), 2) for name in cpu_after
+        },
         "counted": int(total.count),
         "lost": accepted - int(total.count) if total.count <= accepted else 0,
         "duplicated": int(total.count) - accepted if total.count > accepted else 0,
         "sum_exact": bool(all_accepted and np.array_equal(total.total, expected)),
     }
+
+
+def _cpu_by_service(bench: Any) -> dict[str, float]:
+    """CPU seconds used so far by every service process and by this load generator."""
+    used = {name: cpu_seconds(p.pid) for name, p in bench.processes().items()}
+    used["load-generator"] = time.process_time()
+    used.update(_broker_and_store_cpu())
+    return used
+
+
+def _broker_and_store_cpu() -> dict[str, float]:
+    """CPU seconds of the local RabbitMQ and Redis servers, when they run on this machine."""
+    found = {}
+    for stat in Path("/proc").glob("[0-9]*/comm"):
+        try:
+            name = stat.read_text().strip()
+        except OSError:
+            continue
+        if name in ("beam.smp", "redis-server"):
+            label = "rabbitmq" if name == "beam.smp" else "redis"
+            found[label] = found.get(label, 0.0) + cpu_seconds(int(stat.parent.name))
+    return found
 
 
 async def _sample_rss(bench: Any, peaks: dict[str, int]) -> None:

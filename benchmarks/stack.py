@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import numpy as np
 import redis.asyncio as aioredis
@@ -27,7 +29,15 @@ from fedq.plan import TrainingPlan
 from fedq.state import PartialSumStore, RoundStore
 from fedq.state.rounds import reset_federation
 
-__all__ = ["AMQP_URL", "REDIS_URL", "Bench", "peak_rss_bytes", "rss_bytes", "start_bench"]
+__all__ = [
+    "AMQP_URL",
+    "REDIS_URL",
+    "Bench",
+    "cpu_seconds",
+    "peak_rss_bytes",
+    "rss_bytes",
+    "start_bench",
+]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 AMQP_URL = os.environ.get("FEDQ_BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/fedq-bench")
@@ -42,6 +52,15 @@ def rss_bytes(pid: int) -> int:
 def peak_rss_bytes(pid: int) -> int:
     """Peak resident memory of a process since it started (VmHWM)."""
     return _status_kib(pid, "VmHWM") * 1024
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time a process has used so far."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _status_kib(pid: int, field_name: str) -> int:
@@ -107,6 +126,7 @@ async def start_bench(
     # A long read timeout: committing a 100M-parameter sum keeps Redis busy for seconds.
     redis = aioredis.from_url(REDIS_URL, socket_timeout=600, socket_connect_timeout=5)
     await reset_federation(redis)
+    ensure_vhost(AMQP_URL)
     queue = await AmqpQueue.connect(AMQP_URL)
     await queue.purge_updates()
     await queue.close()
@@ -136,6 +156,32 @@ async def start_bench(
     tokens = await _join(bench.ports, clients, examples=examples)
     await manager.tick()
     return bench, tokens
+
+
+def ensure_vhost(url: str) -> None:
+    """Create the benchmark's RabbitMQ virtual host when it is missing and ``rabbitmqctl`` runs.
+
+    Raises:
+        RuntimeError: the virtual host is missing and could not be created here.
+    """
+    parts = urlsplit(url)
+    vhost = unquote(parts.path[1:]) if len(parts.path) > 1 else "/"
+    if vhost == "/":
+        return
+    user = unquote(parts.username or "guest")
+    ctl = shutil.which("rabbitmqctl")
+    if ctl is None:
+        return  # a remote broker: the connection itself says whether the vhost exists
+    listed = subprocess.run([ctl, "-q", "list_vhosts"], capture_output=True, text=True)
+    if listed.returncode == 0 and vhost in listed.stdout.split():
+        return
+    for command in (["add_vhost", vhost], ["set_permissions", "-p", vhost, user, ".*", ".*", ".*"]):
+        done = subprocess.run([ctl, *command], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(
+                f"RabbitMQ virtual host {vhost!r} is missing and rabbitmqctl {command[0]} "
+                f"failed: {done.stderr.strip()[:200]}; create it or set FEDQ_BENCH_AMQP_URL"
+            )
 
 
 async def _join(ports: list[int], clients: list[str], *, examples: int) -> dict[str, str]:
