@@ -103,13 +103,20 @@ async def run_load(
     codec: str = "q8",
     channels: int = 100,
     batch_updates: int = 8,
+    prefill: bool = False,
 ) -> dict[str, Any]:
-    """Run one load scenario and return its measurements."""
+    """Run one load scenario and return its measurements.
+
+    With ``prefill`` the workers start only once every update is queued, and the
+    result also holds their drain rate: updates counted per second from their first
+    commit to their last, which is aggregation alone, without the gateway.
+    """
     payloads, expected = make_updates(model, clients, codec=codec)
     initial = {n: np.zeros(s, np.float32) for n, s in model_shapes(model).items()}
     names = [f"lc{i:05d}" for i in range(clients)]
     bench, tokens = await start_bench(initial, clients=names, gateways=gateways)
-    bench.start_workers(workers, FEDQ_WORKER_BATCH_UPDATES=str(batch_updates))
+    if not prefill:
+        bench.start_workers(workers, FEDQ_WORKER_BATCH_UPDATES=str(batch_updates))
     peaks: dict[str, int] = {}
     sampler = asyncio.create_task(_sample_rss(bench, peaks))
     open_channels = [
@@ -133,10 +140,9 @@ async def run_load(
         results = await asyncio.gather(*tasks)
         submitted_s = time.perf_counter() - began
         accepted = sum(1 for outcome, _ in results if outcome == "ACCEPTED")
-        while await bench.partials.applied_count(1) < accepted:
-            if any(p.poll() is not None for p in bench.workers):
-                raise RuntimeError("a worker exited")
-            await asyncio.sleep(0.02)
+        if prefill:
+            bench.start_workers(workers, FEDQ_WORKER_BATCH_UPDATES=str(batch_updates))
+        drain = await _wait_until_counted(bench, accepted)
         committed_s = time.perf_counter() - began
         cpu_after = _cpu_by_service(bench)
         await asyncio.sleep(0.5)
@@ -165,6 +171,8 @@ async def run_load(
         "submit_phase_s": round(submitted_s, 3),
         "end_to_end_s": round(committed_s, 3),
         "updates_per_s": round(accepted / committed_s, 1),
+        "prefilled": prefill,
+        "drain_updates_per_s": drain if prefill else None,
         "payload_bytes_per_update": int(np.mean([len(p) for p in payloads])),
         "wire_bytes_per_update": int(np.mean(wire_bytes)),
         "peak_rss_bytes": peaks,
@@ -176,6 +184,24 @@ async def run_load(
         "duplicated": int(total.count) - accepted if total.count > accepted else 0,
         "sum_exact": bool(all_accepted and np.array_equal(total.total, expected)),
     }
+
+
+async def _wait_until_counted(bench: Any, accepted: int) -> float | None:
+    """Wait until the partial sums count ``accepted`` updates; return the drain rate.
+
+    The rate runs from the first commit seen to the last, so it leaves out the
+    workers' start-up; None when a single commit counted everything.
+    """
+    first: tuple[float, int] | None = None
+    while (counted := await bench.partials.applied_count(1)) < accepted:
+        if any(p.poll() is not None for p in bench.workers):
+            raise RuntimeError("a worker exited")
+        if counted and first is None:
+            first = (time.perf_counter(), counted)
+        await asyncio.sleep(0.01)
+    if first is None or accepted == first[1]:
+        return None
+    return round((accepted - first[1]) / (time.perf_counter() - first[0]), 1)
 
 
 def _cpu_by_service(bench: Any) -> dict[str, float]:
@@ -224,6 +250,7 @@ def print_row(r: dict[str, Any]) -> None:
         f" p99 {lat.get('p99')} ms  wire {r['wire_bytes_per_update']} B"
         f"  refused {sum(r['refusals'].values())}  max RSS {peak:.0f} MiB"
         f"  lost {r['lost']} dup {r['duplicated']} exact {r['sum_exact']}"
+        + (f"  drain {r['drain_updates_per_s']} upd/s" if r.get("prefilled") else "")
     )
 
 
@@ -236,6 +263,10 @@ def main() -> None:
     parser.add_argument("--gateways", type=int, default=1)
     parser.add_argument("--codec", default="q8")
     parser.add_argument("--channels", type=int, default=100)
+    parser.add_argument("--batch-updates", type=int, default=8, help="worker batch size")
+    parser.add_argument(
+        "--prefill", action="store_true", help="start workers once every update is queued"
+    )
     args = parser.parse_args()
 
     result = asyncio.run(
@@ -246,10 +277,13 @@ def main() -> None:
             gateways=args.gateways,
             codec=args.codec,
             channels=args.channels,
+            batch_updates=args.batch_updates,
+            prefill=args.prefill,
         )
     )
     RESULTS.mkdir(exist_ok=True)
-    name = f"load_{args.model}_{args.clients}c_{args.workers}w.json"
+    drained = "_prefill" if args.prefill else ""
+    name = f"load_{args.model}_{args.clients}c_{args.workers}w{drained}.json"
     (RESULTS / name).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
     print_row(result)

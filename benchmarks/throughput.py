@@ -2,16 +2,20 @@
 
     python -m benchmarks.throughput [--quick]
 
-* end to end (``benchmarks.load``): 1, 2 and 4 workers for the 26k and 1.2M
-  models with 50 clients; 50, 200 and 1,000 clients on the 26k model, 2 workers;
-* the raw RabbitMQ publish -> consume rate for messages of the same size on a
-  durable quorum queue (persistent messages, publisher confirms, manual acks);
-* the in-memory add rate (numpy int64 add of the fixed-point vector) and the
-  decode + fixed-point rate of one worker thread;
+* end to end (``benchmarks.load``): clients submit through a gateway while workers
+  run; 50, 200 and 1,000 clients on the 26k model with 2 workers, and 1, 2 and 4
+  workers on the 26k model (1,000 clients) and the 1.2M model (200 clients);
+* aggregation alone: the same updates queued first, then 1, 2 or 4 workers drain
+  the queue (updates counted per second from their first commit to their last);
+* ceilings: the raw RabbitMQ publish -> consume rate and the consume-only rate for
+  messages of the same size on a durable quorum queue (persistent messages,
+  publisher confirms, manual acks); the in-memory add rate (numpy int64 add of the
+  fixed-point vector) and the decode + fixed-point rate of one worker thread;
 * Flower's FedAvg ``aggregate`` on the same updates, when ``flwr`` is importable by
   the interpreter in ``$FEDQ_FLWR_PYTHON`` (default ``/tmp/flwr-venv/bin/python``).
 
-Writes ``benchmarks/results/throughput.json`` and prints a table.
+CPU seconds of every service are recorded per scenario, so the table can say what
+bounds the rate. Writes ``benchmarks/results/throughput.json`` and prints a table.
 """
 
 from __future__ import annotations
@@ -99,6 +103,48 @@ async def raw_broker_rate(message_bytes: int, *, messages: int, in_flight: int =
         await connection.close()
 
 
+async def raw_consume_rate(message_bytes: int, *, messages: int, in_flight: int = 50) -> float:
+    """Messages/s one consumer acks from a queue already holding ``messages``."""
+    connection = await aio_pika.connect_robust(AMQP_URL)
+    try:
+        publish = await connection.channel(publisher_confirms=True)
+        await publish.queue_delete(RAW_QUEUE)
+        queue = await publish.declare_queue(
+            RAW_QUEUE, durable=True, arguments={"x-queue-type": "quorum"}
+        )
+        body = os.urandom(message_bytes)
+        slots = asyncio.Semaphore(in_flight)
+
+        async def one() -> None:
+            async with slots:
+                await publish.default_exchange.publish(
+                    aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
+                    routing_key=RAW_QUEUE,
+                )
+
+        await asyncio.gather(*(one() for _ in range(messages)))
+
+        consume = await connection.channel()
+        await consume.set_qos(prefetch_count=64)
+        done, acked = asyncio.Event(), 0
+
+        async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+            nonlocal acked
+            await message.ack()
+            acked += 1
+            if acked == messages:
+                done.set()
+
+        started = time.perf_counter()
+        await (await consume.get_queue(RAW_QUEUE)).consume(on_message)
+        await asyncio.wait_for(done.wait(), timeout=600)
+        elapsed = time.perf_counter() - started
+        await queue.delete(if_unused=False, if_empty=False)
+        return messages / elapsed
+    finally:
+        await connection.close()
+
+
 def add_rates(model: str, payloads: list[bytes]) -> dict[str, float]:
     """int64 adds/s of the fixed-point vector, and decode + fixed-point updates/s."""
     size = sum(int(np.prod(s)) for s in model_shapes(model).values())
@@ -151,43 +197,125 @@ def flower_rate(model: str, clients: int, *, repeat: int = 3) -> dict[str, Any]:
     }
 
 
+# Clients (updates) per scenario for each model, full and --quick.
+_CLIENTS = {"26k": (1000, 200), "1.2m": (200, 50)}
+
+
+def _scenarios(quick: bool) -> list[tuple[str, int, int, bool]]:
+    """(model, clients, workers, prefill) for every run, in the order they run."""
+    sizes = {model: counts[1] if quick else counts[0] for model, counts in _CLIENTS.items()}
+    scenarios = [("26k", c, 2, False) for c in (50, 200, 1000) if c < sizes["26k"]]
+    for model, clients in sizes.items():
+        scenarios += [(model, clients, w, False) for w in (1, 2, 4)]
+        scenarios += [(model, clients, w, True) for w in (1, 2, 4)]
+    return scenarios
+
+
 async def run_all(*, quick: bool) -> dict[str, Any]:
     """Every scenario and ceiling; ``quick`` trims the client counts."""
-    client_counts = [50, 200] if quick else [50, 200, 1000]
-    scenarios = [(m, 50, w) for m in ("26k", "1.2m") for w in (1, 2, 4)]
-    scenarios += [("26k", c, 2) for c in client_counts if c != 50]
+    sizes = {model: counts[1] if quick else counts[0] for model, counts in _CLIENTS.items()}
+    scenarios = _scenarios(quick)
 
-    end_to_end = []
-    for model, clients, workers in scenarios:
-        result = await run_load(clients=clients, model=model, workers=workers)
+    runs = []
+    for model, clients, workers, prefill in scenarios:
+        result = await run_load(
+            clients=clients, model=model, workers=workers, prefill=prefill, batch_updates=16
+        )
         print_row(result)
-        end_to_end.append(result)
+        runs.append(result)
 
     ceilings = {}
-    for model in ("26k", "1.2m"):
+    for model, clients in sizes.items():
         payloads, _ = make_updates(model, 50, codec="q8")
-        size = int(np.mean([len(p) for p in payloads]))
-        messages = 2000 if model == "26k" else 300
-        rate = await raw_broker_rate(size + 200, messages=messages)
+        size = int(np.mean([len(p) for p in payloads])) + 200
+        messages = max(clients, 2000 if model == "26k" else 300)
         ceilings[model] = {
-            "message_bytes": size + 200,
-            "rabbitmq_publish_consume_per_s": round(rate, 1),
+            "message_bytes": size,
+            "rabbitmq_publish_consume_per_s": round(
+                await raw_broker_rate(size, messages=messages), 1
+            ),
+            "rabbitmq_consume_only_per_s": round(
+                await raw_consume_rate(size, messages=messages), 1
+            ),
             **add_rates(model, payloads),
             "flower_fedavg_aggregate": flower_rate(model, 50),
         }
         print(model, json.dumps(ceilings[model]))
-    return {"end_to_end": end_to_end, "ceilings": ceilings, "cpus": os.cpu_count()}
+
+    return {
+        "command": "python -m benchmarks.throughput" + (" --quick" if quick else ""),
+        "cpus": os.cpu_count(),
+        "load_average": _loadavg(),
+        "runs": runs,
+        "ceilings": ceilings,
+        "ratios": _ratios(runs, ceilings),
+    }
+
+
+def _ratios(runs: list[dict[str, Any]], ceilings: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each run's rate against the broker ceiling for its message size."""
+    rows = []
+    for r in runs:
+        ceiling = ceilings[r["model"]]
+        rate = r["drain_updates_per_s"] if r["prefilled"] else r["updates_per_s"]
+        against = (
+            ceiling["rabbitmq_consume_only_per_s"]
+            if r["prefilled"]
+            else ceiling["rabbitmq_publish_consume_per_s"]
+        )
+        rows.append(
+            {
+                "model": r["model"],
+                "clients": r["clients"],
+                "workers": r["workers"],
+                "kind": "aggregation alone" if r["prefilled"] else "end to end",
+                "updates_per_s": rate,
+                "broker_ceiling_per_s": against,
+                "share_of_ceiling": round(rate / against, 3) if rate and against else None,
+                "cpu_ms_per_update": {
+                    name: round(1000 * seconds / max(r["accepted"], 1), 2)
+                    for name, seconds in r["cpu_seconds"].items()
+                },
+            }
+        )
+    return rows
+
+
+def _loadavg() -> list[float] | None:
+    try:
+        return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
+    except (OSError, ValueError):
+        return None
 
 
 def main() -> None:
     """Run everything and write ``throughput.json``."""
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="skip the 1,000-client run")
+    parser.add_argument(
+        "--quick", action="store_true", help="200 and 50 clients instead of 1,000 and 200"
+    )
     args = parser.parse_args()
 
     results = asyncio.run(run_all(quick=args.quick))
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "throughput.json").write_text(json.dumps(results, indent=2) + "\n")
+    _print_ratios(results["ratios"])
+
+
+def _print_ratios(rows: list[dict[str, Any]]) -> None:
+    columns = ("model", "clients", "workers", "kind", "upd/s", "ceiling", "share")
+    print("\n" + " | ".join(columns))
+    for row in rows:
+        cells = (
+            row["model"],
+            row["clients"],
+            row["workers"],
+            row["kind"],
+            row["updates_per_s"],
+            row["broker_ceiling_per_s"],
+            row["share_of_ceiling"],
+        )
+        print(" | ".join("-" if c is None else str(c) for c in cells))
 
 
 if __name__ == "__main__":
