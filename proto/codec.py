@@ -6,10 +6,13 @@ Layout of an encoded payload (msgpack map)::
      "tensors": [{"name": str, "dtype": str, "shape": [int, ...],
                   "compression": "blosc2" | "raw", "nbytes": int, "data": bytes}]}
 
-Decoding trusts nothing: the envelope is parsed with msgpack's size limits, every
-declared size is checked against the caller's bound *before* anything is
-decompressed (blosc2's header states the decompressed size), and the result must
-match the declared dtype and shape. No pickle is involved anywhere.
+Decoding trusts nothing: the envelope is parsed with size limits (its binary fields
+stay in the payload as views, see ``proto._envelope``), every declared size is
+checked against the caller's bound *before* anything is decompressed (blosc2's
+header states the decompressed size), and the result must match the declared dtype
+and shape. No pickle is involved anywhere. ``iter_slices`` decodes a tensor a slice
+at a time, so a consumer that folds the values into its own buffer never holds a
+whole decoded tensor.
 
 Codecs. ``blosc2`` (zstd level 1 with byte shuffle) and ``raw`` are lossless.
 ``q8`` is lossy: every float tensor is cut into blocks of ``Q8_BLOCK`` values; a
@@ -34,21 +37,30 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import blosc2
 import msgpack
 import numpy as np
 
 from fedq.tensors import ModelSpec, TensorSpec
+from proto._envelope import EnvelopeError, Limits, unpack
+from proto._errors import CodecError
+from proto._frame import Frame
 
 __all__ = [
     "CODECS",
+    "SLICE_VALUES",
     "CodecError",
+    "TensorSlice",
     "decode_tensors",
     "encode_tensors",
+    "iter_slices",
     "iter_tensors",
     "validate_tensor",
     "validate_update",
+    "validate_values",
 ]
 
 FORMAT = "fedq.tensors"
@@ -63,10 +75,32 @@ Q8_BLOCK = 4096
 _Q8_BLOCKS = (64, 1 << 20)  # block sizes a decoder accepts
 _Q8_LEVELS = 255
 _CHUNK = 1 << 20  # values handled at once, so that temporaries stay small
+SLICE_VALUES = _CHUNK  # what iter_slices yields at once, unless told otherwise
 
 
-class CodecError(ValueError):
-    """An encoded payload is malformed, oversized or does not match the model."""
+class TensorSlice(NamedTuple):
+    """Consecutive values of one tensor, flat, in its dtype, from value ``offset`` on."""
+
+    name: str
+    offset: int
+    values: np.ndarray
+
+
+@dataclass(frozen=True)
+class _Record:
+    """A tensor record whose name, dtype, shape, sizes and codec fields were checked."""
+
+    name: str
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    compression: str
+    nbytes: int
+    data: bytes | memoryview
+    block: int = 0
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
 
 
 def encode_tensors(
@@ -108,7 +142,7 @@ def encode_tensors(
 
 
 def decode_tensors(
-    payload: bytes, *, max_bytes: int, expected: ModelSpec | None = None
+    payload: bytes | bytearray, *, max_bytes: int, expected: ModelSpec | None = None
 ) -> dict[str, np.ndarray]:
     """Decode a payload, refusing one whose tensors would exceed ``max_bytes``.
 
@@ -129,18 +163,33 @@ def iter_tensors(
     Only one decoded tensor needs to be alive at once, so a consumer that folds each
     tensor into its own buffer holds the compressed payload plus the largest tensor.
     """
-    envelope = _unpack_envelope(payload)
+    for record in _records(payload, max_bytes=max_bytes, expected=expected):
+        out = np.empty(record.shape, dtype=record.dtype)
+        _decode_into(record, out.reshape(-1))
+        yield record.name, out
 
-    known = {t.name: t for t in expected.trainable} if expected is not None else None
-    seen: set[str] = set()
-    budget = max_bytes
-    for index, record in enumerate(envelope["tensors"]):
-        name, array = _decode_record(record, index=index, budget=budget, known=known)
-        if name in seen:
-            raise CodecError(f"tensor {name!r} appears twice")
-        seen.add(name)
-        budget -= array.nbytes
-        yield name, array
+
+def iter_slices(
+    payload: bytes | bytearray,
+    *,
+    max_bytes: int,
+    expected: ModelSpec | None = None,
+    slice_values: int = SLICE_VALUES,
+) -> Iterator[TensorSlice]:
+    """Decode a payload a slice at a time, with the checks of ``decode_tensors``.
+
+    Each tensor comes as consecutive slices of ``slice_values`` values (the last one
+    shorter; q8 rounds the length up to whole blocks; a tensor without values comes
+    as one empty slice), in the order of the payload. A consumer that folds each
+    slice into its own buffer holds the payload, one slice and, while it reads a
+    compressed tensor of more than a few MiB, one copy of that tensor's compressed
+    bytes. Slices may be read-only views of the payload.
+    """
+    if slice_values < 1:
+        raise ValueError(f"slice_values {slice_values}: expected >= 1")
+    for record in _records(payload, max_bytes=max_bytes, expected=expected):
+        for offset, values in _slices(record, step=slice_values):
+            yield TensorSlice(record.name, offset, values)
 
 
 def validate_update(
@@ -179,14 +228,22 @@ def validate_tensor(name: str, a: np.ndarray, spec: TensorSpec, *, max_abs_value
 
     flat = a.reshape(-1)
     for start in range(0, flat.size, _CHUNK):
-        part = flat[start : start + _CHUNK]
-        if not np.isfinite(part).all():
-            raise CodecError(f"tensor {name!r} holds NaN or Inf values")
-        peak = float(np.abs(part).max())
-        if peak > max_abs_value:
-            raise CodecError(
-                f"tensor {name!r}: |value| {peak:.3g} exceeds the bound {max_abs_value:g}"
-            )
+        validate_values(name, flat[start : start + _CHUNK], max_abs_value=max_abs_value)
+
+
+def validate_values(name: str, values: np.ndarray, *, max_abs_value: float) -> None:
+    """Check some values of tensor ``name`` (a slice): finite and ``|x| <= max_abs_value``.
+
+    Raises:
+        CodecError: naming the tensor and the value that does not fit.
+    """
+    if not values.size:
+        return
+    if not np.isfinite(values).all():
+        raise CodecError(f"tensor {name!r} holds NaN or Inf values")
+    peak = float(np.abs(values).max())
+    if peak > max_abs_value:
+        raise CodecError(f"tensor {name!r}: |value| {peak:.3g} exceeds the bound {max_abs_value:g}")
 
 
 def _compress(a: np.ndarray, codec: str) -> bytes:
@@ -238,46 +295,17 @@ def _quantize(a: np.ndarray, *, name: str, rng: np.random.Generator) -> bytes:
     return bytes(blosc2.compress2(out, typesize=1, clevel=_BLOSC2_LEVEL, codec=blosc2.Codec.ZSTD))
 
 
-def _dequantize(data: bytes, record: dict[str, object], *, name: str, out: np.ndarray) -> None:
-    """Fill ``out`` (flat, declared dtype) from a q8 record's data, checking it first."""
-    block = record.get("block")
-    if not isinstance(block, int) or not _Q8_BLOCKS[0] <= block <= _Q8_BLOCKS[1]:
-        raise CodecError(f"tensor {name!r}: q8 block {block!r} is not in {list(_Q8_BLOCKS)}")
-    blocks = -(-out.size // block)
-    raw = _decompress(data, "blosc2", nbytes=8 * blocks + out.size, name=name)
-
-    los = np.frombuffer(raw, np.float32, count=blocks)
-    scales = np.frombuffer(raw, np.float32, count=blocks, offset=4 * blocks)
-    codes = np.frombuffer(raw, np.uint8, offset=8 * blocks)
-    if not (np.isfinite(los).all() and np.isfinite(scales).all() and (scales >= 0).all()):
-        raise CodecError(f"tensor {name!r}: q8 block minimum or scale is not a finite number")
-
-    step = max(block, _CHUNK - _CHUNK % block)
-    for start in range(0, out.size, step):
-        c = codes[start : start + step]
-        first, full = start // block, c.size // block
-        blocks_of = slice(first, first + full)
-        values = c[: full * block].reshape(full, block) * scales[blocks_of, None]
-        values += los[blocks_of, None]
-        out[start : start + full * block] = values.reshape(-1)
-        if c.size % block:  # the tensor's last, partial block
-            tail = c[full * block :] * scales[first + full] + los[first + full]
-            out[start + full * block : start + c.size] = tail
-
-
 def _unpack_envelope(payload: bytes | bytearray) -> dict[str, object]:
     limit = len(payload)
+    limits = Limits(
+        max_bin_len=limit,
+        max_str_len=min(limit, 1 << 16),
+        max_array_len=min(limit, 1 << 20),
+        max_map_len=64,
+    )
     try:
-        envelope = msgpack.unpackb(
-            payload,
-            raw=False,
-            strict_map_key=True,
-            max_bin_len=limit,
-            max_str_len=min(limit, 1 << 16),
-            max_array_len=min(limit, 1 << 20),
-            max_map_len=64,
-        )
-    except Exception as exc:  # msgpack raises many unrelated types on bad input
+        envelope = unpack(payload, limits)
+    except EnvelopeError as exc:
         raise CodecError(f"payload is not a valid msgpack envelope: {exc}") from exc
 
     if not isinstance(envelope, dict) or envelope.get("format") != FORMAT:
@@ -291,9 +319,27 @@ def _unpack_envelope(payload: bytes | bytearray) -> dict[str, object]:
     return envelope
 
 
-def _decode_record(
+def _records(
+    payload: bytes | bytearray, *, max_bytes: int, expected: ModelSpec | None
+) -> Iterator[_Record]:
+    """The payload's tensor records, each checked before it is handed on."""
+    envelope = _unpack_envelope(payload)
+
+    known = {t.name: t for t in expected.trainable} if expected is not None else None
+    seen: set[str] = set()
+    budget = max_bytes
+    for index, fields in enumerate(envelope["tensors"]):
+        record = _check_record(fields, index=index, budget=budget, known=known)
+        if record.name in seen:
+            raise CodecError(f"tensor {record.name!r} appears twice")
+        seen.add(record.name)
+        budget -= record.nbytes
+        yield record
+
+
+def _check_record(
     record: object, *, index: int, budget: int, known: dict[str, TensorSpec] | None
-) -> tuple[str, np.ndarray]:
+) -> _Record:
     if not isinstance(record, dict):
         raise CodecError(f"tensor #{index} is not a map")
     name, dtype, shape = record.get("name"), record.get("dtype"), record.get("shape")
@@ -307,7 +353,7 @@ def _decode_record(
         raise CodecError(f"tensor {name!r}: shape {str(shape)[:80]} is not a list of sizes")
     if compression not in CODECS:
         raise CodecError(f"tensor {name!r}: compression {compression!r} is unknown")
-    if not isinstance(data, bytes) or not isinstance(nbytes, int):
+    if not isinstance(data, bytes | memoryview) or not isinstance(nbytes, int):
         raise CodecError(f"tensor {name!r}: data or nbytes missing")
 
     if known is not None:
@@ -319,17 +365,97 @@ def _decode_record(
     if nbytes > budget:
         raise CodecError(f"tensor {name!r}: {nbytes} bytes exceed the remaining bound {budget}")
 
-    out = np.empty(shape, dtype=np.dtype(dtype))
+    block = 0
     if compression == "q8":
         if np.dtype(dtype).kind != "f":
             raise CodecError(f"tensor {name!r}: q8 holds float tensors only, not {dtype}")
-        _dequantize(data, record, name=name, out=out.reshape(-1))
-    elif compression == "blosc2" and nbytes:
-        _decompress(data, compression, nbytes=nbytes, name=name, into=out)
+        block = record.get("block")
+        if not isinstance(block, int) or not _Q8_BLOCKS[0] <= block <= _Q8_BLOCKS[1]:
+            raise CodecError(f"tensor {name!r}: q8 block {block!r} is not in {list(_Q8_BLOCKS)}")
+    return _Record(name, np.dtype(dtype), tuple(shape), compression, nbytes, data, block)
+
+
+def _decode_into(record: _Record, flat: np.ndarray) -> None:
+    """Decode a whole tensor into ``flat``, its flat array in the declared dtype."""
+    if record.compression == "blosc2" and record.nbytes:
+        # Straight into the tensor: no intermediate copy.
+        frame = Frame(
+            record.data, nbytes=record.nbytes, typesize=record.dtype.itemsize, name=record.name
+        )
+        frame.read(0, record.nbytes, flat)
+        return
+    for start, values in _slices(record, step=_CHUNK):
+        flat[start : start + values.size] = values
+
+
+def _slices(record: _Record, *, step: int) -> Iterator[tuple[int, np.ndarray]]:
+    """(offset, values) of consecutive slices of ``step`` values (q8: whole blocks)."""
+    if record.compression == "q8" and record.nbytes:
+        yield from _q8_slices(record, step=step)
+    elif record.compression == "blosc2" and record.nbytes:
+        yield from _blosc2_slices(record, step=step)
     else:
-        raw = _decompress(data, compression, nbytes=nbytes, name=name)
-        out.reshape(-1)[...] = np.frombuffer(raw, dtype=np.dtype(dtype))
-    return name, out
+        values = _raw_values(record)
+        for start in range(0, max(values.size, 1), step):
+            yield start, values[start : start + step]
+
+
+def _raw_values(record: _Record) -> np.ndarray:
+    """A raw (or empty) record's values: a read-only view of the payload."""
+    if len(record.data) != record.nbytes:
+        raise CodecError(
+            f"tensor {record.name!r}: {len(record.data)} data bytes, expected {record.nbytes}"
+        )
+    values = np.frombuffer(record.data, dtype=record.dtype)
+    values.flags.writeable = False
+    return values
+
+
+def _blosc2_slices(record: _Record, *, step: int) -> Iterator[tuple[int, np.ndarray]]:
+    itemsize = record.dtype.itemsize
+    frame = Frame(record.data, nbytes=record.nbytes, typesize=itemsize, name=record.name)
+    for start in range(0, record.size, step):
+        values = np.empty(min(step, record.size - start), record.dtype)
+        frame.read(start * itemsize, start * itemsize + values.nbytes, values)
+        yield start, values
+
+
+def _q8_slices(record: _Record, *, step: int) -> Iterator[tuple[int, np.ndarray]]:
+    """Dequantized slices of a q8 record; every block's lo and scale is checked first."""
+    block, size = record.block, record.size
+    blocks = -(-size // block)
+    frame = Frame(record.data, nbytes=8 * blocks + size, typesize=1, name=record.name)
+
+    head = np.empty(8 * blocks, np.uint8)
+    frame.read(0, head.size, head)
+    los, scales = head[: 4 * blocks].view(np.float32), head[4 * blocks :].view(np.float32)
+    if not (np.isfinite(los).all() and np.isfinite(scales).all() and (scales >= 0).all()):
+        raise CodecError(
+            f"tensor {record.name!r}: q8 block minimum or scale is not a finite number"
+        )
+
+    step = max(block, step - step % block)
+    for start in range(0, size, step):
+        codes = np.empty(min(step, size - start), np.uint8)
+        frame.read(head.size + start, head.size + start + codes.size, codes)
+        values = _dequantize(codes, los, scales, first=start // block, block=block)
+        yield start, values.astype(record.dtype, copy=False)
+
+
+def _dequantize(
+    codes: np.ndarray, los: np.ndarray, scales: np.ndarray, *, first: int, block: int
+) -> np.ndarray:
+    """``lo + code * scale`` (float32) of codes that start at block ``first``."""
+    full = codes.size // block
+    values = np.empty(codes.size, np.float32)
+    whole = values[: full * block].reshape(full, block)
+    np.multiply(
+        codes[: full * block].reshape(full, block), scales[first : first + full, None], out=whole
+    )
+    whole += los[first : first + full, None]
+    if codes.size % block:  # the tensor's last, partial block
+        values[full * block :] = codes[full * block :] * scales[first + full] + los[first + full]
+    return values
 
 
 def _is_shape(shape: object) -> bool:
@@ -349,30 +475,3 @@ def _check_declared(name: str, dtype: str, shape: list[int], known: dict[str, Te
         raise CodecError(f"tensor {name!r}: shape {shape}, model has {list(spec.shape)}")
     if dtype != spec.dtype:
         raise CodecError(f"tensor {name!r}: dtype {dtype}, model has {spec.dtype}")
-
-
-def _decompress(
-    data: bytes, compression: str, *, nbytes: int, name: str, into: np.ndarray | None = None
-) -> bytes:
-    if compression == "raw" or nbytes == 0:
-        if len(data) != nbytes:
-            raise CodecError(f"tensor {name!r}: {len(data)} data bytes, expected {nbytes}")
-        return data
-
-    try:
-        declared, _cbytes, _block = blosc2.get_cbuffer_sizes(data)
-    except Exception as exc:
-        raise CodecError(f"tensor {name!r}: not a blosc2 frame ({exc})") from exc
-    if declared != nbytes:
-        raise CodecError(f"tensor {name!r}: blosc2 frame holds {declared} bytes, expected {nbytes}")
-
-    try:
-        if into is not None:  # straight into the caller's array: no intermediate copy
-            blosc2.decompress2(data, dst=into)
-            return b""
-        raw = blosc2.decompress2(data)
-    except Exception as exc:
-        raise CodecError(f"tensor {name!r}: blosc2 data is corrupt ({exc})") from exc
-    if len(raw) != nbytes:
-        raise CodecError(f"tensor {name!r}: decompressed to {len(raw)} bytes, expected {nbytes}")
-    return bytes(raw)

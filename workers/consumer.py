@@ -12,14 +12,16 @@ Redis part by part; the worker whose part completes it decodes it and treats tha
 part's message as the update's delivery.
 
 Memory. A round's running sum is one int64 vector that updates are added into in
-place, tensor by tensor and a slice at a time; a pending update is kept only as its
+place, a decoded slice at a time: an update is decoded, checked and added slice by
+slice, so no tensor is ever decoded whole. A pending update is kept only as its
 compressed payload, which is enough to take it back out exactly (integer
 subtraction) when the commit refuses it. The in-memory sum is a cache of the
 committed one in Redis plus the pending updates: whenever they may have drifted
 apart (a commit whose outcome is unknown, an update that failed its checks halfway)
 the sum is read back from Redis and the pending updates are added again. So a worker
-holds one int64 model-sized vector, the pending payloads, one decoded tensor and
-one piece of the sum being written, never a second model-sized vector.
+holds one int64 model-sized vector, the pending payloads, one decoded slice (plus,
+while a large compressed tensor is read, a copy of its compressed bytes) and one
+piece of the sum being written, never a second model-sized vector.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ from fedq.state.partials import add_fixed_point
 from fedq.state.parts import PartStash
 from fedq.tasks import cancel_and_wait
 from fedq.tensors import ModelSpec
-from proto.codec import CodecError, iter_tensors, validate_tensor
+from proto.codec import CodecError, iter_slices, validate_values
 from workers.settings import WorkerSettings
 from workers.weights import staleness_weight, work_weight
 
@@ -282,21 +284,20 @@ class AggregationWorker:
         spec: ModelSpec,
         subtract: bool,
     ) -> None:
-        trainable = {t.name: t for t in spec.trainable}
         offsets, start = {}, 0
         for t in spec.trainable:
             offsets[t.name], start = start, start + t.size
 
         seen = set()
-        for name, array in iter_tensors(payload, max_bytes=spec.update_nbytes, expected=spec):
-            t = trainable[name]
-            validate_tensor(name, array, t, max_abs_value=self._settings.max_abs_value)
-            begin = offsets[name]
-            window = total[begin : begin + t.size]
-            add_fixed_point(window, array.reshape(-1), examples, subtract=subtract)
+        for name, offset, values in iter_slices(
+            payload, max_bytes=spec.update_nbytes, expected=spec
+        ):
+            validate_values(name, values, max_abs_value=self._settings.max_abs_value)
+            begin = offsets[name] + offset
+            add_fixed_point(total[begin : begin + values.size], values, examples, subtract=subtract)
             seen.add(name)
 
-        missing = sorted(set(trainable) - seen)
+        missing = sorted(set(offsets) - seen)
         if missing:
             raise CodecError(f"update lacks tensors {missing[:5]} of the model")
 

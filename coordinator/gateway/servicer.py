@@ -41,7 +41,7 @@ from fedq.state.versions import AsyncVersions
 from fedq.tensors import ModelSpec
 from proto import fedq_v1_pb2 as pb
 from proto import fedq_v1_pb2_grpc as pb_grpc
-from proto.codec import CodecError, iter_tensors, validate_tensor
+from proto.codec import CodecError, iter_slices, validate_values
 
 __all__ = ["FederationServicer", "plan_to_proto"]
 
@@ -345,19 +345,18 @@ class FederationServicer(pb_grpc.FederationServicer):
                 f"num_examples {header.num_examples} exceeds {self._settings.max_examples}"
             )
 
-    def _check_tensors(self, payload: bytes, spec: ModelSpec) -> None:
-        """Decode and check one tensor at a time: one decoded tensor alive at once."""
-        trainable = {t.name: t for t in spec.trainable}
+    def _check_tensors(self, payload: bytes | bytearray, spec: ModelSpec) -> None:
+        """Decode and check a slice at a time: no tensor is ever decoded whole."""
         seen = set()
         try:
-            for name, array in iter_tensors(payload, max_bytes=spec.update_nbytes, expected=spec):
-                validate_tensor(
-                    name, array, trainable[name], max_abs_value=self._settings.max_abs_value
-                )
+            for name, _offset, values in iter_slices(
+                payload, max_bytes=spec.update_nbytes, expected=spec
+            ):
+                validate_values(name, values, max_abs_value=self._settings.max_abs_value)
                 seen.add(name)
         except CodecError as exc:
             raise InvalidUpdateError(str(exc)) from exc
-        missing = sorted(set(trainable) - seen)
+        missing = sorted({t.name for t in spec.trainable} - seen)
         if missing:
             raise InvalidUpdateError(f"update lacks tensors {missing[:5]} of the model")
 
