@@ -103,6 +103,7 @@ class AggregationWorker:
         self._spec: ModelSpec | None = None
         self._batches: dict[int, _RoundBatch] = {}
         self._lock = asyncio.Lock()
+        self._last_delivery_at = 0.0
         self.committed_updates = 0
         self._planned: dict[tuple[int, str], int] = {}
 
@@ -131,6 +132,7 @@ class AggregationWorker:
         try:
             async for delivery in consumer:
                 await self._on_delivery(delivery)
+                self._last_delivery_at = time.monotonic()
             return True
         except asyncio.CancelledError:
             raise
@@ -316,12 +318,14 @@ class AggregationWorker:
         batch.synced = True
 
     async def _flush_on_time(self) -> None:
+        settings = self._settings
         while True:
-            await asyncio.sleep(self._settings.flush_s / 2)
+            await asyncio.sleep(min(settings.flush_s / 2, settings.flush_idle_s))
             async with self._lock:
                 now = time.monotonic()
+                idle = now - self._last_delivery_at >= settings.flush_idle_s
                 for batch in list(self._batches.values()):
-                    if batch.pending and now - batch.first_at >= self._settings.flush_s:
+                    if batch.pending and (idle or now - batch.first_at >= settings.flush_s):
                         try:
                             await self._flush(batch)
                         except Exception as exc:  # the store is down: keep the batch, retry

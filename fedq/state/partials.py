@@ -24,6 +24,7 @@ on one argument (``proto-max-bulk-len``).
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -49,13 +50,7 @@ _SCALE = float(2**SCALE_BITS)
 SUM_FIELD_BYTES = 16 << 20
 STAGING_TTL_S = 3600
 _CHUNK = 1 << 20
-
-# KEYS: staging hash. ARGV: field, bytes, ttl in ms.
-_STAGE = """
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
-return 1
-"""
+_THREAD = threading.local()
 
 # KEYS: round hash, applied hash, partial hash, partials set, staging hash.
 # ARGV: partial key, number of sum fields staged, examples, count, update ids...
@@ -115,16 +110,29 @@ def add_fixed_point(
 ) -> None:
     """Add (or subtract) ``to_fixed_point(flat_update, num_examples)`` into ``total`` in place.
 
-    Works a slice at a time, so it needs no int64 or float64 copy of the whole
-    update. Adding and then subtracting the same update restores ``total`` exactly.
+    Works a slice at a time in this thread's scratch buffers, so it allocates no
+    temporaries. Adding and then subtracting the same update restores ``total`` exactly.
     """
     factor = float(num_examples) * _SCALE
     combine = np.subtract if subtract else np.add
+    scaled_buf, fixed_buf = _scratch()
     for start in range(0, flat_update.size, _CHUNK):
-        scaled = np.multiply(flat_update[start : start + _CHUNK].astype(np.float64), factor)
+        piece = flat_update[start : start + _CHUNK]
+        scaled, fixed = scaled_buf[: piece.size], fixed_buf[: piece.size]
+        # float32 -> float64 is exact, so this is astype(float64) * factor bit for bit.
+        np.multiply(piece, factor, out=scaled, dtype=np.float64)
         np.rint(scaled, out=scaled)
-        target = total[start : start + scaled.size]
-        combine(target, scaled.astype(np.int64), out=target)
+        np.copyto(fixed, scaled, casting="unsafe")
+        target = total[start : start + piece.size]
+        combine(target, fixed, out=target)
+
+
+def _scratch() -> tuple[np.ndarray, np.ndarray]:
+    """This thread's float64 and int64 buffers of ``_CHUNK`` values, reused across calls."""
+    buffers = getattr(_THREAD, "buffers", None)
+    if buffers is None:
+        buffers = _THREAD.buffers = (np.empty(_CHUNK, np.float64), np.empty(_CHUNK, np.int64))
+    return buffers
 
 
 @dataclass
@@ -156,7 +164,6 @@ class PartialSumStore:
 
     def __init__(self, redis: aioredis.Redis) -> None:
         self._redis = redis
-        self._stage = redis.register_script(_STAGE)
         self._commit = redis.register_script(_COMMIT)
 
     async def commit(
@@ -245,7 +252,13 @@ class PartialSumStore:
         starts = range(0, len(raw), SUM_FIELD_BYTES) if len(raw) else [0]
         for k, start in enumerate(starts):
             piece = raw[start : start + SUM_FIELD_BYTES]
-            await self._stage(keys=[staging], args=[_sum_field(k), piece, ttl_ms])
+            # A plain HSET, not a script: Redis keeps a big argument as it is, where a
+            # script would copy it twice. MULTI keeps the field from being left without
+            # its expiry.
+            async with self._redis.pipeline(transaction=True) as stage:
+                stage.hset(staging, _sum_field(k), piece)
+                stage.pexpire(staging, ttl_ms)
+                await stage.execute()
         return len(starts)
 
     async def _read_sum(
