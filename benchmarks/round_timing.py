@@ -4,9 +4,9 @@
 client trained, but not when the next model was stored nor how long the transfers
 took. This module adds both without changing what the federation does:
 
-- an observer task reads the round records from the embedded store every
-  ``POLL_S`` seconds and stamps the first time it sees a round finalized (its next
-  model stored) and evaluated;
+- an observer task (``observe_rounds``, which the process run uses on Redis too)
+  reads the round records from the store every ``POLL_S`` seconds and stamps the
+  first time it sees a round finalized (its next model stored) and evaluated;
 - ``transfer_clock`` times the client's two transfer calls (``fetch_model``,
   ``submit``) for the length of the run and puts the originals back afterwards.
 
@@ -27,7 +27,13 @@ from coordinator.settings import CoordinatorSettings, ServiceUrls
 from fedq.federation import FederationOptions, FederationSummary, run_federation
 from fedq.state import RoundStore, connect_redis
 
-__all__ = ["POLL_S", "TimedFederation", "run_timed_federation", "transfer_clock"]
+__all__ = [
+    "POLL_S",
+    "TimedFederation",
+    "observe_rounds",
+    "run_timed_federation",
+    "transfer_clock",
+]
 
 POLL_S = 0.1
 
@@ -53,7 +59,7 @@ async def run_timed_federation(
     evaluated_at: dict[int, float] = {}
     transfers: list[dict[str, Any]] = []
 
-    observer = asyncio.create_task(_observe(finalized_at, evaluated_at, since=started_at))
+    observer = asyncio.create_task(_observe_embedded(finalized_at, evaluated_at, since=started_at))
     try:
         with transfer_clock(transfers):
             summary = await run_federation(settings, ServiceUrls(), options)
@@ -118,16 +124,28 @@ def _note(
     )
 
 
-async def _observe(
+async def observe_rounds(
+    store: RoundStore,
+    finalized_at: dict[int, float],
+    evaluated_at: dict[int, float],
+    *,
+    since: float,
+) -> None:
+    """Stamp when each round opened after ``since`` is first seen finalized and evaluated.
+
+    Polls ``store`` every ``POLL_S`` seconds until cancelled.
+    """
+    while True:
+        await _stamp(store, finalized_at, evaluated_at, since=since)
+        await asyncio.sleep(POLL_S)
+
+
+async def _observe_embedded(
     finalized_at: dict[int, float], evaluated_at: dict[int, float], *, since: float
 ) -> None:
-    """Stamp when each round of this run is first seen finalized and evaluated."""
     redis = await connect_redis("")
-    store = RoundStore(redis)
     try:
-        while True:
-            await _stamp(store, finalized_at, evaluated_at, since=since)
-            await asyncio.sleep(POLL_S)
+        await observe_rounds(RoundStore(redis), finalized_at, evaluated_at, since=since)
     finally:
         await redis.aclose()
 

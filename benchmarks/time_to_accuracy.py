@@ -1,30 +1,41 @@
 """Time to 91 % and 97 % MNIST test accuracy: centralized training against the federation.
 
-    python -m benchmarks.time_to_accuracy            # full run (about 20 minutes on 2 cores)
-    python -m benchmarks.time_to_accuracy --quick    # smoke run (1-2 minutes)
+    python -m benchmarks.time_to_accuracy            # full run (about 25 minutes on 2 cores)
+    python -m benchmarks.time_to_accuracy --quick    # smoke run: 5 and 20 clients, 2 rounds
 
 Runs, on the federation's model (``mnist_cnn``):
 
 - centralized training on all 60,000 training examples, plain SGD and Opacus
   DP-SGD, the test accuracy measured every ``--eval-every`` steps on a clock that
   stops while it is measured;
-- the embedded federation (``run_federation``, no services) with 10 and 50 clients
-  (IID partition), DP off (``dp_mode="none"``) and on (``dp_mode="sample"``, Opacus
-  DP-SGD on every client), every client taking part in every round.
+- the federation with 10 and 50 clients (IID partition), DP off (``dp_mode="none"``)
+  and on (``dp_mode="sample"``, Opacus DP-SGD on every client), every client taking
+  part in every round with the same plan, twice:
 
-The federation's clients are asyncio tasks of one process whose local training runs
-in a thread pool of one thread per CPU core, so the *measured* federated wall-clock
-is that of N clients taking turns on this machine's cores. The *projection* to one
-machine per client adds, round by round, the slowest client's measured training,
-the slowest client's measured transfers (model download and update upload, over
-loopback gRPC) and the coordinator's measured time from the round's close to its
-next model plus the opening of the next round. Both clocks start when round 1
-opens (data loading, client start-up and joining are reported apart) and stop when
-the model that first reaches the target is stored.
+  - as processes (``benchmarks.process_federation``): ``fedq coordinator``, one
+    ``fedq gateway``, ``--workers`` ``fedq worker`` and one ``fedq client`` process
+    per client on this machine, against the real RabbitMQ and Redis
+    (``FEDQ_BENCH_AMQP_URL``, ``FEDQ_BENCH_REDIS_URL``), one torch thread per client.
+    Its clock is the *measured* federated time: N client processes sharing this
+    machine's cores.
+  - in one process (the embedded ``run_federation``: clients are asyncio tasks, local
+    training in a pool of one thread per core), timed client by client. Its clock is
+    reported as *in-process*; its per-client times make the *projection* to one
+    machine per client: round by round, the slowest client's training, the slowest
+    client's transfers (model download and update upload, over loopback gRPC) and the
+    coordinator's time from the round's close to its next model plus the opening of
+    the next round.
 
-Writes ``benchmarks/results/time_to_accuracy.json`` (every evaluation and round,
-the projection, the comparison with the 25 % latency-reduction claim, the command)
-and prints a table.
+Every federated clock starts when round 1 opens, which the coordinator does only
+once all N clients have joined (client start-up, data loading and joining are
+reported apart), and stops when the model that first reaches the target is stored.
+The process run is watched until a model reaches the top target or the round cap; if
+it must stop early (a service died, the machine's available memory fell under
+``--min-free-gib``), its measured times are missing and its record says why.
+
+Writes ``benchmarks/results/time_to_accuracy.json`` (every evaluation and round, the
+projection, memory of the process run, the comparison with the 25 % latency-reduction
+claim, the command) and prints a table.
 """
 
 from __future__ import annotations
@@ -35,6 +46,7 @@ import json
 import logging
 import os
 import shlex
+import signal
 import statistics
 import sys
 from pathlib import Path
@@ -46,13 +58,20 @@ sys.path.insert(0, str(REPO_ROOT))
 import torch  # noqa: E402
 
 from benchmarks.central_training import CentralSettings, fastest_threads, train_centrally  # noqa: E402
+from benchmarks.federated_records import federated_record  # noqa: E402
+from benchmarks.process_federation import (  # noqa: E402
+    CLIENT_STARTS,
+    ProcessOptions,
+    ProcessRun,
+    ProcessRunError,
+    run_process_federation,
+)
 from benchmarks.round_timing import POLL_S, TimedFederation, run_timed_federation  # noqa: E402
 from benchmarks.time_to_target import (  # noqa: E402
     CLAIMED_REDUCTION,
-    cumulative,
-    first_time_to_target,
-    projected_round_seconds,
     reduction,
+    target_key,
+    times_to_targets,
     verdict_line,
 )
 from coordinator.settings import CoordinatorSettings  # noqa: E402
@@ -65,7 +84,8 @@ TARGETS = (0.91, 0.97)
 
 # (--flag, full value, --quick value)
 _CAPS = {
-    "central_max_s": (120.0, 15.0),
+    "clients": ([10, 50], [5, 20]),
+    "central_max_s": (120.0, 8.0),
     "rounds_10": (25, 2),
     "rounds_50": (8, 2),
     "local_steps": (30, 5),
@@ -76,6 +96,18 @@ def main(argv: list[str] | None = None) -> int:
     """Run every configuration, write the JSON and print the table; return the exit status."""
     args = _parser().parse_args(argv)
     _fill_caps(args)
+    # SIGTERM (and SIGINT even when started in the background) stop the run like Ctrl-C:
+    # the process run's ``with`` block then stops its child processes.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _as_ctrl_c)
+    try:
+        return _run_all(args)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+
+
+def _run_all(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     command = shlex.join(["python", "-m", "benchmarks.time_to_accuracy", *sys.argv[1:]])
     loads = [_loadavg("start")]
@@ -97,9 +129,14 @@ def main(argv: list[str] | None = None) -> int:
     federated = []
     for clients in args.clients:
         for dp in (False, True):
-            print(f"\n== federation, {clients} clients, DP {_on(dp)} ==", flush=True)
-            timed = asyncio.run(_run_federation(args, clients=clients, dp=dp))
-            federated.append(_federated_record(timed, clients=clients, dp=dp))
+            settings = _coordinator_settings(args, clients=clients, dp=dp)
+            print(f"\n== federation in one process, {clients} clients, DP {_on(dp)} ==", flush=True)
+            timed = asyncio.run(_run_in_process(args, settings, clients=clients))
+            print(f"\n== federation as processes, {clients} clients, DP {_on(dp)} ==", flush=True)
+            process = _run_as_processes(args, settings, clients=clients)
+            federated.append(
+                federated_record(timed, process, clients=clients, dp=dp, targets=TARGETS)
+            )
             loads.append(_loadavg(f"after federation {clients} clients DP {_on(dp)}"))
 
     comparisons = _compare(centralized, federated)
@@ -116,7 +153,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", default=str(REPO_ROOT.parent / "shared" / "data"))
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny caps")
-    parser.add_argument("--clients", type=int, nargs="+", default=[10, 50])
+    parser.add_argument("--clients", type=int, nargs="+", default=None, help="10 50; quick: 5 20")
     parser.add_argument("--central-max-s", type=float, default=None, help="training-clock cap")
     parser.add_argument("--eval-every", type=int, default=50, help="centralized steps")
     parser.add_argument("--rounds-10", type=int, default=None, help="round cap, 10 clients")
@@ -131,6 +168,21 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--clip", type=float, default=1.0, help="per-sample clip norm C")
     parser.add_argument("--delta", type=float, default=1e-5)
     parser.add_argument("--workers", type=int, default=2, help="aggregation workers")
+    parser.add_argument(
+        "--client-start",
+        default="fork",
+        choices=CLIENT_STARTS,
+        help="process run: fork clients from a warmed-up fork server, or exec each anew",
+    )
+    parser.add_argument(
+        "--startup-batch", type=int, default=4, help="process run: clients starting at once"
+    )
+    parser.add_argument(
+        "--min-free-gib",
+        type=float,
+        default=2.0,
+        help="process run: stop it if the machine's available memory falls below this",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(RESULTS))
     return parser
@@ -154,6 +206,10 @@ def _on(dp: bool) -> str:
 
 def _dp_key(dp: bool) -> str:
     return f"dp_{_on(dp)}"
+
+
+def _as_ctrl_c(signum: int, frame: Any) -> None:
+    signal.raise_signal(signal.SIGINT)
 
 
 def _loadavg(when: str) -> dict[str, Any]:
@@ -186,7 +242,10 @@ def _central_settings(args: argparse.Namespace, *, dp: bool, threads: int) -> Ce
 # -- federated ------------------------------------------------------------------------------
 
 
-async def _run_federation(args: argparse.Namespace, *, clients: int, dp: bool) -> TimedFederation:
+def _coordinator_settings(
+    args: argparse.Namespace, *, clients: int, dp: bool
+) -> CoordinatorSettings:
+    """The settings both runs of a configuration use."""
     plan = TrainingPlan(
         round=0,
         dp_mode="sample" if dp else "none",
@@ -196,7 +255,7 @@ async def _run_federation(args: argparse.Namespace, *, clients: int, dp: bool) -
         local_steps=args.local_steps,
         learning_rate=args.dp_lr if dp else args.lr,
     )
-    settings = CoordinatorSettings(
+    return CoordinatorSettings(
         dataset="mnist",
         data_dir=args.data_dir,
         rounds=_rounds_for(args, clients),
@@ -209,6 +268,11 @@ async def _run_federation(args: argparse.Namespace, *, clients: int, dp: bool) -
         seed=args.seed,
         adaptive_plans=False,  # every client runs exactly --local-steps steps
     )
+
+
+async def _run_in_process(
+    args: argparse.Namespace, settings: CoordinatorSettings, *, clients: int
+) -> TimedFederation:
     options = FederationOptions(
         clients=clients,
         workers=args.workers,
@@ -221,113 +285,31 @@ async def _run_federation(args: argparse.Namespace, *, clients: int, dp: bool) -
     return await run_timed_federation(settings, options)
 
 
-def _federated_record(timed: TimedFederation, *, clients: int, dp: bool) -> dict[str, Any]:
-    summary = timed.summary
-    rounds = sorted(
-        (r for r in summary.rounds if r["status"] == "finalized"), key=lambda r: r["round"]
+def _run_as_processes(
+    args: argparse.Namespace, settings: CoordinatorSettings, *, clients: int
+) -> ProcessRun | ProcessRunError:
+    """The process run, or the error that stopped it (the other runs still go on)."""
+    options = ProcessOptions(
+        clients=clients,
+        workers=args.workers,
+        client_start=args.client_start,
+        startup_batch=args.startup_batch,
+        stop_at=max(TARGETS),
+        min_available_bytes=int(args.min_free_gib * 2**30),
+        progress=sys.stdout,
     )
-    zero = rounds[0]["opened_at"] if rounds else timed.started_at
-    records = [_round_record(timed, r, rounds, zero=zero) for r in rounds]
-    projected = cumulative([r["projected_round_s"] for r in records])
-    for record, at in zip(records, projected, strict=True):
-        record["projected_s"] = round(at, 3)
-
-    spent = [p["epsilon_spent"] for p in summary.privacy]
-    return {
-        "clients": clients,
-        "dp": dp,
-        "rounds": records,
-        "rounds_finalized": len(records),
-        "final_accuracy": summary.final_accuracy,
-        "time_to_target_measured_s": _times(records, key="measured_s"),
-        "time_to_target_projected_s": _times(records, key="projected_s"),
-        "startup_s": round(zero - timed.started_at, 2),
-        "total_wall_s": round(timed.finished_at - timed.started_at, 2),
-        "epsilon_per_client": {"min": min(spent), "max": max(spent)} if dp and spent else None,
-    }
-
-
-def _round_record(
-    timed: TimedFederation, r: dict[str, Any], rounds: list[dict[str, Any]], *, zero: float
-) -> dict[str, Any]:
-    """Measured pieces of one round and its projected length."""
-    number = r["round"]
-    train = [
-        o.train_seconds
-        for outcomes in timed.summary.outcomes.values()
-        for o in outcomes
-        if o.round == number and o.outcome == "accepted"
-    ]
-    transfer = _transfer_seconds(timed.transfers, number)
-    finalized = _finalized_at(timed, number, rounds)
-    previous = _finalized_at(timed, number - 1, rounds) if number > 1 else None
-
-    aggregation = max(0.0, finalized - r["closed_at"])
-    opening = max(0.0, r["opened_at"] - previous) if previous is not None else 0.0
-    projected = projected_round_seconds(
-        train_max_s=max(train, default=0.0),
-        transfer_max_s=max(transfer.values(), default=0.0),
-        aggregation_s=aggregation,
-        opening_s=opening,
-    )
-    return {
-        "round": number,
-        "accuracy": r["test_accuracy"],
-        "updates": r["updates_aggregated"],
-        "measured_s": round(finalized - zero, 3),
-        "round_s": round(finalized - r["opened_at"], 3),
-        "train_mean_s": round(statistics.fmean(train), 3) if train else None,
-        "train_max_s": round(max(train), 3) if train else None,
-        "transfer_mean_s": round(statistics.fmean(transfer.values()), 3) if transfer else None,
-        "transfer_max_s": round(max(transfer.values()), 3) if transfer else None,
-        "model_bytes": _mean_bytes(timed.transfers, number, kind="fetch"),
-        "update_bytes": _mean_bytes(timed.transfers, number, kind="submit"),
-        "aggregation_s": round(aggregation, 3),
-        "opening_s": round(opening, 3),
-        "projected_round_s": round(projected, 3),
-    }
-
-
-def _transfer_seconds(transfers: list[dict[str, Any]], number: int) -> dict[str, float]:
-    """Per client: model download plus update upload in one round."""
-    seconds: dict[str, float] = {}
-    for t in transfers:
-        if t["round"] == number:
-            seconds[t["client"]] = seconds.get(t["client"], 0.0) + t["seconds"]
-    return seconds
-
-
-def _mean_bytes(transfers: list[dict[str, Any]], number: int, *, kind: str) -> int | None:
-    sizes = [t["bytes"] for t in transfers if t["round"] == number and t["kind"] == kind]
-    return round(statistics.fmean(sizes)) if sizes else None
-
-
-def _finalized_at(timed: TimedFederation, number: int, rounds: list[dict[str, Any]]) -> float:
-    """When round ``number``'s model was stored, as the observer saw it.
-
-    Falls back to the next round's opening (an upper bound), then to the end of the run.
-    """
-    if number in timed.finalized_at:
-        return timed.finalized_at[number]
-    later = [r["opened_at"] for r in rounds if r["round"] == number + 1]
-    return later[0] if later else timed.finished_at
-
-
-def _times(records: list[dict[str, Any]], *, key: str) -> dict[str, float | None]:
-    points = [(r[key], r["accuracy"]) for r in records]
-    return {_target_key(t): first_time_to_target(points, t) for t in TARGETS}
-
-
-def _target_key(target: float) -> str:
-    return f"{target:.2f}"
+    try:
+        return run_process_federation(settings, options)
+    except ProcessRunError as exc:
+        print(f"process run stopped: {exc}", flush=True)
+        return exc
 
 
 # -- comparison -----------------------------------------------------------------------------
 
 
 def _central_times(run: dict[str, Any]) -> dict[str, float | None]:
-    points = [(e["seconds"], e["accuracy"]) for e in run["evaluations"]]
-    return {_target_key(t): first_time_to_target(points, t) for t in TARGETS}
+    return times_to_targets([(e["seconds"], e["accuracy"]) for e in run["evaluations"]], TARGETS)
 
 
 def _compare(
@@ -343,12 +325,21 @@ def _compare(
     return rows
 
 
+# Per clock: the run its rounds come from, the key of a round's time on the clock and
+# of its length. Measured: the process run; projected: from the in-process run.
+_CLOCKS = {
+    "measured": ("processes", "measured_s", "round_s"),
+    "projected": ("in_process", "projected_s", "projected_round_s"),
+}
+
+
 def _comparison_row(
     fed: dict[str, Any], central: dict[str, float | None], *, target: float, kind: str
 ) -> dict[str, Any]:
-    key = _target_key(target)
+    key = target_key(target)
+    run, clock, length = _CLOCKS[kind]
     federated_s = fed[f"time_to_target_{kind}_s"][key]
-    upto = [r for r in fed["rounds"] if r[f"{kind}_s"] <= (federated_s or 0.0)]
+    upto = [r for r in fed[run]["rounds"] if r[clock] <= (federated_s or 0.0)]
     cut = reduction(federated_s, central[key])
     row = {
         "label": f"{fed['clients']} clients, DP {_on(fed['dp'])}, {kind}",
@@ -361,11 +352,12 @@ def _comparison_row(
         "reduction": round(cut, 4) if cut is not None else None,
         "reaches_25_percent": cut >= CLAIMED_REDUCTION if cut is not None else None,
         "rounds_to_target": len(upto) if federated_s is not None else None,
-        "round_s": _mean(
-            [r["projected_round_s" if kind == "projected" else "round_s"] for r in upto]
-        ),
-        "train_max_s": _mean([r["train_max_s"] for r in upto]),
+        "round_s": _mean([r[length] for r in upto]),
+        "train_max_s": _mean([r.get("train_max_s") for r in upto]),
     }
+    if fed[run].get("error"):
+        first_line = fed[run]["error"].splitlines()[0]
+        row["unmeasured"] = f"the process run stopped before it could be measured: {first_line}"
     row["verdict"] = verdict_line(row)
     return row
 
@@ -396,13 +388,15 @@ def _document(
         "model": "mnist_cnn",
         "machine": {
             "cpu_cores": os.cpu_count(),
+            "memory_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
             "torch": torch.__version__,
             "centralized_threads": calibration,
-            "federation_train_threads": os.cpu_count(),
+            "in_process_train_threads": os.cpu_count(),
+            "process_run_torch_threads_per_process": 1,
         },
         "machine_load": loads,
         "machine_load_note": _load_note(loads),
-        "how_measured": _HOW_MEASURED,
+        "how_measured": _how_measured(args),
         "settings": _settings(args),
         "centralized": centralized,
         "federated": federated,
@@ -411,30 +405,70 @@ def _document(
     }
 
 
-_HOW_MEASURED = {
-    "centralized": (
-        "one process, all 60,000 training examples; training clock only (stopped while "
-        "the test set is evaluated); torch intra-op threads: the faster of 1 and all cores "
-        "in a short calibration (machine.centralized_threads)"
-    ),
-    "federated_measured": (
-        "embedded run_federation on this machine: clients are asyncio tasks in one process, "
-        "local training in a pool of one thread per CPU core (not separate processes), "
-        "in-process queue and store, loopback gRPC; the coordinator evaluates each model "
-        "concurrently with the next round. Clock from round 1 opening to the storing of "
-        "the first model at or above the target (stamped by polling the store every "
-        f"{POLL_S}s)"
-    ),
-    "federated_projected": (
-        "PROJECTION to one machine per client, computed from this run's measurements: per "
-        "round, slowest client's local training (measured while sharing this machine's "
-        "cores) + slowest client's model download and update upload (measured over loopback "
-        "gRPC, no network latency or bandwidth limit) + coordinator time from round close "
-        "to next model + opening of the next round; summed up to the first round at or "
-        "above the target. Not measured on separate machines."
-    ),
-    "reduction": "1 - federated seconds / centralized seconds, same DP setting and target",
-}
+def _how_measured(args: argparse.Namespace) -> dict[str, str]:
+    starts = {
+        "fork": (
+            "forked from a fork server that imported torch and Opacus and ran two tiny "
+            "trainings (benchmarks.client_preload), so that they start warm and share those "
+            "libraries' memory"
+        ),
+        "exec": (
+            "started as programs of their own (python -m benchmarks.client_preload client ...), "
+            "each importing torch and Opacus and running two tiny trainings before it joins"
+        ),
+    }
+    return {
+        "centralized": (
+            "one process, all 60,000 training examples; training clock only (stopped while "
+            "the test set is evaluated); torch intra-op threads: the faster of 1 and all "
+            "cores in a short calibration (machine.centralized_threads)"
+        ),
+        "federated_measured": (
+            "MEASURED with every party an OS process on this machine (federated[].processes): "
+            "fedq coordinator (evaluates each new model on the test set, concurrently with "
+            f"the next round), one fedq gateway, {args.workers} fedq worker processes and one "
+            "fedq client process per client (partition i of an IID split), against the real "
+            "RabbitMQ and Redis over loopback; one torch thread per process, so the N clients "
+            f"share this machine's {os.cpu_count()} cores. Clients are "
+            f"{starts[args.client_start]}; "
+            "they are started a few at a time, and the coordinator opens round 1 only once all "
+            "N have joined (FEDQ_MIN_CLIENTS defaults to the clients per round, N). Clock from "
+            "round 1's opening (opened_at of its round record; client start-up, data loading "
+            "and joining come before it, in processes.startup) to the storing of the first "
+            "model at or above the target (stamped by polling the round records in Redis "
+            f"every {POLL_S}s). Same settings and plans as the in-process run."
+        ),
+        "federated_in_process": (
+            "MEASURED with the embedded run_federation on this machine "
+            "(federated[].in_process): clients are asyncio tasks in one process, local "
+            "training in a pool of one thread per CPU core (not separate processes), "
+            "in-process queue and store, loopback gRPC; same clock start and stop as the "
+            "process run. Reported for comparison and as the source of the projection."
+        ),
+        "federated_projected": (
+            "PROJECTION to one machine per client, computed from the in-process run's "
+            "measurements (federated[].in_process.rounds): per round, slowest client's local "
+            "training (measured with about one core per training thread, as the pool has one "
+            "thread per core; in the process run all N clients share the cores at once) + "
+            "slowest client's model download and update upload (measured over loopback gRPC, "
+            "no network latency or bandwidth limit) + coordinator time from round close to "
+            "next model + opening of the next round; summed up to the first round at or above "
+            "the target. Not measured on separate machines."
+        ),
+        "process_run_memory": (
+            "federated[].processes.memory, over the benchmark's process tree (this process, "
+            "the fork server, the services, the clients). peak_tree_rss_bytes: peak of the "
+            "sum of VmRSS, sampled every second; it counts pages that processes share (the "
+            "libraries forked clients share with the fork server) once per process, so it "
+            "overstates the total. peak_tree_pss_estimate_bytes: peak, sampled every 10 s, "
+            "of the PSS (shared pages divided among their sharers) of every process but the "
+            "clients plus the number of clients times the PSS of one of them (a different one "
+            "each time: reading all 50 clients' would disturb the timed run). "
+            "peak_available_drop_bytes: drop of the machine's MemAvailable from just before "
+            "the run, which other jobs move too."
+        ),
+        "reduction": "1 - federated seconds / centralized seconds, same DP setting and target",
+    }
 
 
 def _settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -458,6 +492,13 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         },
         "optimizer": "SGD, no momentum, centralized and on every client",
         "aggregation_workers": args.workers,
+        "process_run": {
+            "client_start": args.client_start,
+            "startup_batch": args.startup_batch,
+            "gateways": 1,
+            "stops_at_accuracy": max(TARGETS),
+            "min_free_gib": args.min_free_gib,
+        },
         "seed": args.seed,
     }
 
@@ -479,45 +520,73 @@ def _load_note(loads: list[dict[str, Any]]) -> str:
 
 def _verdict(comparisons: list[dict[str, Any]]) -> dict[str, Any]:
     projected = [c for c in comparisons if c["kind"] == "projected"]
-    reached = [c for c in projected if c["reaches_25_percent"]]
+    measured = [c for c in comparisons if c["kind"] == "measured"]
     return {
         "claim": "the federation reduces the latency to target accuracy by at least 25%",
-        "measured_on_this_machine": [c["verdict"] for c in comparisons if c["kind"] == "measured"],
+        "measured_on_this_machine": [c["verdict"] for c in measured],
         "projected_one_machine_per_client": [c["verdict"] for c in projected],
         "summary": (
-            f"projected: {len(reached)} of {len(projected)} federated configuration/target "
-            "pairs reach a 25% reduction; measured on this machine: "
-            f"{sum(bool(c['reaches_25_percent']) for c in comparisons if c['kind'] == 'measured')}"
-            f" of {len(projected)}"
+            f"projected: {sum(bool(c['reaches_25_percent']) for c in projected)} of "
+            f"{len(projected)} federated configuration/target pairs reach a 25% reduction; "
+            "measured on this machine with clients as processes: "
+            f"{sum(bool(c['reaches_25_percent']) for c in measured)} of {len(measured)}"
         ),
     }
 
 
 def _print_table(document: dict[str, Any]) -> None:
-    keys = [_target_key(t) for t in TARGETS]
+    keys = [target_key(t) for t in TARGETS]
+    clocks = ("measured", "in-process", "projected")
     print(
-        f"\n{'setup':<28} {'DP':<4} {'final acc':>9} "
-        + " ".join(f"{'to ' + k + ' meas.':>14} {'to ' + k + ' proj.':>14}" for k in keys)
+        f"\n{'':<24} {'':<4} {'':>9} "
+        + " ".join(f"{'seconds to ' + k:^32}" for k in keys)
+        + f"\n{'setup':<24} {'DP':<4} {'final acc':>9} "
+        + " ".join(" ".join(f"{c:>10}" for c in clocks) for _ in keys)
     )
     for dp_key, run in document["centralized"].items():
         times = run["time_to_target_s"]
         accuracy = run["evaluations"][-1]["accuracy"] if run["evaluations"] else None
-        cells = " ".join(f"{_cell(times[k]):>14} {'-':>14}" for k in keys)
-        print(f"{'centralized':<28} {dp_key[3:]:<4} {_cell(accuracy, 4, missing='-'):>9} {cells}")
+        cells = " ".join(f"{_cell(times[k]):>10} {'':>10} {'':>10}" for k in keys)
+        print(f"{'centralized':<24} {dp_key[3:]:<4} {_cell(accuracy, 4, missing='-'):>9} {cells}")
     for fed in document["federated"]:
-        measured, projected = fed["time_to_target_measured_s"], fed["time_to_target_projected_s"]
-        cells = " ".join(f"{_cell(measured[k]):>14} {_cell(projected[k]):>14}" for k in keys)
+        times = [
+            fed["time_to_target_measured_s"],
+            fed["time_to_target_in_process_s"],
+            fed["time_to_target_projected_s"],
+        ]
+        cells = " ".join(" ".join(f"{_cell(t[k]):>10}" for t in times) for k in keys)
         setup = f"federation, {fed['clients']} clients"
         accuracy = _cell(fed["final_accuracy"], 4, missing="-")
-        print(f"{setup:<28} {_on(fed['dp']):<4} {accuracy:>9} {cells}")
+        print(f"{setup:<24} {_on(fed['dp']):<4} {accuracy:>9} {cells}")
+    print(
+        "measured: centralized training clock, or the federation with every client an OS "
+        "process (final acc is this run's);\nin-process: the embedded federation; projected: "
+        "to one machine per client, from the in-process run; n/r: not reached"
+    )
 
+    print("\nprocess runs (start-up not timed; memory of the whole process tree):")
+    for fed in document["federated"]:
+        print(f"  {fed['clients']} clients, DP {_on(fed['dp'])}: {_process_line(fed['processes'])}")
     print("\nverdict (reduction = 1 - federated / centralized; claim: >= 25%):")
     for row in document["comparison"]:
         print(f"  {row['verdict']}")
     print(f"\nmachine load: {document['machine_load_note']}")
 
 
-def _cell(value: float | None, digits: int = 1, *, missing: str = "not reached") -> str:
+def _process_line(processes: dict[str, Any]) -> str:
+    if processes.get("error"):
+        return "stopped: " + processes["error"].splitlines()[0]
+    startup, memory = processes["startup"], processes["memory"]
+    return (
+        f"{processes['stopped']} after {processes['rounds_finalized']} rounds; start-up "
+        f"{startup['services_s']:.0f}s services + {startup['clients_to_last_join_s']:.0f}s "
+        f"clients; peak tree RSS {memory['peak_tree_rss_bytes'] / 2**30:.1f} GiB (PSS "
+        f"~{memory['peak_tree_pss_estimate_bytes'] / 2**30:.1f} GiB), MemAvailable drop "
+        f"{memory['peak_available_drop_bytes'] / 2**30:.1f} GiB"
+    )
+
+
+def _cell(value: float | None, digits: int = 1, *, missing: str = "n/r") -> str:
     return missing if value is None else f"{value:.{digits}f}"
 
 

@@ -3,7 +3,8 @@
 Pure arithmetic on measured numbers, kept apart from the runs so that it can be
 tested on synthetic inputs:
 
-- ``first_time_to_target``: the first time an accuracy curve reaches a target.
+- ``first_time_to_target``: the first time an accuracy curve reaches a target, and
+  ``times_to_targets`` for several targets, keyed by ``target_key``.
 - ``projected_round_seconds``: one federated round if every client had a machine of
   its own: the slowest client's training, the slowest client's transfers (model
   download and update upload), then the coordinator's aggregation and the opening of
@@ -24,6 +25,8 @@ __all__ = [
     "first_time_to_target",
     "projected_round_seconds",
     "reduction",
+    "target_key",
+    "times_to_targets",
     "verdict_line",
 ]
 
@@ -42,6 +45,18 @@ def first_time_to_target(
         if accuracy is not None and accuracy >= target:
             return seconds
     return None
+
+
+def target_key(target: float) -> str:
+    """How a target accuracy is written as a JSON key: ``0.91`` -> ``"0.91"``."""
+    return f"{target:.2f}"
+
+
+def times_to_targets(
+    points: Sequence[tuple[float, float | None]], targets: Iterable[float]
+) -> dict[str, float | None]:
+    """``first_time_to_target`` for each target, keyed by ``target_key``."""
+    return {target_key(t): first_time_to_target(points, t) for t in targets}
 
 
 def projected_round_seconds(
@@ -80,10 +95,14 @@ def verdict_line(row: dict[str, Any]) -> str:
 
     ``row`` has ``label``, ``target``, ``centralized_s``, ``federated_s``,
     ``rounds_to_target``, ``round_s`` (mean round time up to the target),
-    ``train_max_s`` (mean slowest client training per round), ``clients`` and ``kind``
-    (``"measured"`` on this machine or ``"projected"`` to one machine per client).
+    ``train_max_s`` (mean slowest client training per round; may be None when
+    measured), ``clients`` and ``kind`` (``"measured"`` on this machine or
+    ``"projected"`` to one machine per client), and ``unmeasured`` (why the run
+    could not be measured) when it could not.
     """
     head = f"{row['label']}, {row['target']:.0%}:"
+    if row.get("unmeasured"):
+        return f"{head} no verdict: {row['unmeasured']}"
     central, federated = row["centralized_s"], row["federated_s"]
     if central is None:
         return f"{head} no verdict: centralized training did not reach the target."
@@ -100,9 +119,11 @@ def verdict_line(row: dict[str, Any]) -> str:
     needed = (1 - CLAIMED_REDUCTION) * central / rounds
     if row.get("kind") == "measured":
         why = (
-            f"its {row['clients']} clients share this machine's CPU cores, so a round took "
-            f"{round_s:.2f}s while its slowest client trained {train_s:.2f}s"
+            f"its {row['clients']} client processes share this machine's CPU cores, so a "
+            f"round took {round_s:.2f}s"
         )
+        if train_s is not None:
+            why += f" while its slowest client trained {train_s:.2f}s"
     else:
         why = (
             f"{rounds} rounds of {round_s:.2f}s ({train_s:.2f}s slowest client training, "
