@@ -62,6 +62,20 @@ print(flwr.__version__, len(results), best)
 
 async def raw_broker_rate(message_bytes: int, *, messages: int, in_flight: int = 50) -> float:
     """Messages/s from the first confirmed publish to the last consumer ack."""
+    return await _raw_rate(message_bytes, messages=messages, in_flight=in_flight, prefill=False)
+
+
+async def raw_consume_rate(message_bytes: int, *, messages: int, in_flight: int = 50) -> float:
+    """Messages/s one consumer acks from a queue already holding ``messages``."""
+    return await _raw_rate(message_bytes, messages=messages, in_flight=in_flight, prefill=True)
+
+
+async def _raw_rate(message_bytes: int, *, messages: int, in_flight: int, prefill: bool) -> float:
+    """Publish ``messages`` (confirmed, persistent) to a fresh quorum queue and consume them.
+
+    Without ``prefill`` the consumer runs while publishing and the clock covers both;
+    with it, the queue is filled first and the clock covers consuming only.
+    """
     connection = await aio_pika.connect_robust(AMQP_URL)
     try:
         publish = await connection.channel(publisher_confirms=True)
@@ -69,23 +83,11 @@ async def raw_broker_rate(message_bytes: int, *, messages: int, in_flight: int =
         queue = await publish.declare_queue(
             RAW_QUEUE, durable=True, arguments={"x-queue-type": "quorum"}
         )
-        consume = await connection.channel()
-        await consume.set_qos(prefetch_count=16)
         body = os.urandom(message_bytes)
-        done = asyncio.Event()
-        acked = 0
-
-        async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
-            nonlocal acked
-            await message.ack()
-            acked += 1
-            if acked == messages:
-                done.set()
-
-        await (await consume.get_queue(RAW_QUEUE)).consume(on_message)
         slots = asyncio.Semaphore(in_flight)
+        done, acked = asyncio.Event(), 0
 
-        async def one(i: int) -> None:
+        async def one() -> None:
             async with slots:
                 await publish.default_exchange.publish(
                     aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
@@ -93,41 +95,6 @@ async def raw_broker_rate(message_bytes: int, *, messages: int, in_flight: int =
                     mandatory=True,
                 )
 
-        started = time.perf_counter()
-        await asyncio.gather(*(one(i) for i in range(messages)))
-        await asyncio.wait_for(done.wait(), timeout=600)
-        elapsed = time.perf_counter() - started
-        await queue.delete(if_unused=False, if_empty=False)
-        return messages / elapsed
-    finally:
-        await connection.close()
-
-
-async def raw_consume_rate(message_bytes: int, *, messages: int, in_flight: int = 50) -> float:
-    """Messages/s one consumer acks from a queue already holding ``messages``."""
-    connection = await aio_pika.connect_robust(AMQP_URL)
-    try:
-        publish = await connection.channel(publisher_confirms=True)
-        await publish.queue_delete(RAW_QUEUE)
-        queue = await publish.declare_queue(
-            RAW_QUEUE, durable=True, arguments={"x-queue-type": "quorum"}
-        )
-        body = os.urandom(message_bytes)
-        slots = asyncio.Semaphore(in_flight)
-
-        async def one() -> None:
-            async with slots:
-                await publish.default_exchange.publish(
-                    aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
-                    routing_key=RAW_QUEUE,
-                )
-
-        await asyncio.gather(*(one() for _ in range(messages)))
-
-        consume = await connection.channel()
-        await consume.set_qos(prefetch_count=64)
-        done, acked = asyncio.Event(), 0
-
         async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
             nonlocal acked
             await message.ack()
@@ -135,8 +102,19 @@ async def raw_consume_rate(message_bytes: int, *, messages: int, in_flight: int 
             if acked == messages:
                 done.set()
 
+        async def start_consuming() -> None:
+            consume = await connection.channel()
+            await consume.set_qos(prefetch_count=64 if prefill else 16)
+            await (await consume.get_queue(RAW_QUEUE)).consume(on_message)
+
+        async def publish_all() -> None:
+            await asyncio.gather(*(one() for _ in range(messages)))
+
+        steps = (publish_all, start_consuming) if prefill else (start_consuming, publish_all)
+        before, timed = steps
+        await before()
         started = time.perf_counter()
-        await (await consume.get_queue(RAW_QUEUE)).consume(on_message)
+        await timed()
         await asyncio.wait_for(done.wait(), timeout=600)
         elapsed = time.perf_counter() - started
         await queue.delete(if_unused=False, if_empty=False)
