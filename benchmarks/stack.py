@@ -34,7 +34,9 @@ __all__ = [
     "REDIS_URL",
     "Bench",
     "cpu_seconds",
+    "load_average",
     "peak_rss_bytes",
+    "proc_field_kib",
     "rss_bytes",
     "start_bench",
 ]
@@ -46,12 +48,12 @@ REDIS_URL = os.environ.get("FEDQ_BENCH_REDIS_URL", "redis://127.0.0.1:6379/7")
 
 def rss_bytes(pid: int) -> int:
     """Resident memory of a process now."""
-    return _status_kib(pid, "VmRSS") * 1024
+    return proc_field_kib(Path(f"/proc/{pid}/status"), "VmRSS") * 1024
 
 
 def peak_rss_bytes(pid: int) -> int:
     """Peak resident memory of a process since it started (VmHWM)."""
-    return _status_kib(pid, "VmHWM") * 1024
+    return proc_field_kib(Path(f"/proc/{pid}/status"), "VmHWM") * 1024
 
 
 def cpu_seconds(pid: int) -> float:
@@ -63,10 +65,20 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _status_kib(pid: int, field_name: str) -> int:
+def load_average() -> tuple[float, float, float] | None:
+    """The machine's 1-, 5- and 15-minute load averages, or None where /proc has none."""
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith(field_name + ":"):
+        one, five, fifteen = Path("/proc/loadavg").read_text().split()[:3]
+        return float(one), float(five), float(fifteen)
+    except (OSError, ValueError):
+        return None
+
+
+def proc_field_kib(path: Path, name: str) -> int:
+    """A ``Name:  value kB`` field of a /proc file (status, meminfo, smaps_rollup); 0 if absent."""
+    try:
+        for line in path.read_text().splitlines():
+            if line.startswith(name + ":"):
                 return int(line.split()[1])
     except OSError:
         return 0

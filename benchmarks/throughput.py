@@ -34,7 +34,7 @@ import aio_pika
 import numpy as np
 
 from benchmarks.load import make_updates, print_row, run_load
-from benchmarks.stack import AMQP_URL
+from benchmarks.stack import AMQP_URL, load_average
 from benchmarks.updates import dp_update, model_shapes
 from fedq.state.partials import fill_fixed_point
 from proto.codec import iter_tensors
@@ -223,7 +223,7 @@ async def run_all(*, quick: bool) -> dict[str, Any]:
     return {
         "command": "python -m benchmarks.throughput" + (" --quick" if quick else ""),
         "cpus": os.cpu_count(),
-        "load_average": _loadavg(),
+        "load_average": load_average(),
         "runs": runs,
         "ceilings": ceilings,
         "ratios": _ratios(runs, ceilings),
@@ -257,13 +257,6 @@ def _ratios(runs: list[dict[str, Any]], ceilings: dict[str, Any]) -> list[dict[s
             }
         )
     return rows
-
-
-def _loadavg() -> list[float] | None:
-    try:
-        return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
-    except (OSError, ValueError):
-        return None
 
 
 def main() -> None:

@@ -67,6 +67,7 @@ from benchmarks.process_federation import (  # noqa: E402
     run_process_federation,
 )
 from benchmarks.round_timing import POLL_S, TimedFederation, run_timed_federation  # noqa: E402
+from benchmarks.stack import load_average  # noqa: E402
 from benchmarks.time_to_target import (  # noqa: E402
     CLAIMED_REDUCTION,
     reduction,
@@ -213,11 +214,10 @@ def _as_ctrl_c(signum: int, frame: Any) -> None:
 
 
 def _loadavg(when: str) -> dict[str, Any]:
-    try:
-        one, five, fifteen = Path("/proc/loadavg").read_text().split()[:3]
-    except (OSError, ValueError):
+    loads = load_average()
+    if loads is None:
         return {"when": when, "load_1m": None}
-    return {"when": when, "load_1m": float(one), "load_5m": float(five), "load_15m": float(fifteen)}
+    return {"when": when, "load_1m": loads[0], "load_5m": loads[1], "load_15m": loads[2]}
 
 
 # -- centralized ----------------------------------------------------------------------------

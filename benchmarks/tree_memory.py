@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks.memory_50_clients import tree
-from benchmarks.stack import rss_bytes
+from benchmarks.stack import proc_field_kib, rss_bytes
 
 __all__ = ["MemoryPeaks", "available_bytes", "pss_estimate_bytes", "sample_memory"]
 
@@ -116,18 +116,8 @@ def pss_estimate_bytes(
 
 def available_bytes() -> int:
     """The machine's ``MemAvailable``."""
-    return _field_kib(Path("/proc/meminfo"), "MemAvailable") * 1024
+    return proc_field_kib(Path("/proc/meminfo"), "MemAvailable") * 1024
 
 
 def _pss_bytes(pid: int) -> int:
-    return _field_kib(Path(f"/proc/{pid}/smaps_rollup"), "Pss") * 1024
-
-
-def _field_kib(path: Path, name: str) -> int:
-    try:
-        for line in path.read_text().splitlines():
-            if line.startswith(name + ":"):
-                return int(line.split()[1])
-    except OSError:
-        return 0
-    return 0
+    return proc_field_kib(Path(f"/proc/{pid}/smaps_rollup"), "Pss") * 1024
