@@ -7,7 +7,9 @@ import signal
 import time
 
 import numpy as np
+import pytest
 
+from fedq.config import SettingsError
 from fedq.queue.message import QueuedUpdate
 from fedq.state import PartialSumStore, RoundStore
 from fedq.state.partials import SCALE_BITS, to_fixed_point
@@ -156,6 +158,31 @@ async def test_a_redelivered_update_is_counted_once(redis, queue):
         assert await PartialSumStore(redis).applied_count(1) == 1
     finally:
         await stack.close()
+
+
+async def test_a_partial_batch_commits_once_deliveries_pause(redis, queue):
+    stack = await start_stack(redis, queue, clients=["a", "b"])
+    slow_flush = WorkerSettings(batch_updates=100, flush_s=600.0, flush_idle_s=0.05)
+    worker = AggregationWorker(queue=queue, redis=redis, settings=slow_flush)
+    task = asyncio.create_task(worker.run())
+    try:
+        for i, client_id in enumerate(["a", "b"]):
+            update = update_for(stack.initial, seed=i)
+            await submit(stack, client_id, update, update_id=f"{client_id}-r1", num_examples=10)
+
+        deadline = time.monotonic() + 20
+        while await PartialSumStore(redis).applied_count(1) < 2:
+            assert time.monotonic() < deadline, "two updates waited for a full batch"
+            await asyncio.sleep(0.05)
+        assert worker.committed_updates == 2
+    finally:
+        await cancel_and_wait(task)
+        await stack.close()
+
+
+def test_worker_settings_refuse_a_non_positive_idle_flush():
+    with pytest.raises(SettingsError, match="FEDQ_WORKER_FLUSH_IDLE_S"):
+        WorkerSettings(flush_idle_s=0)
 
 
 async def test_a_commit_refuses_update_ids_already_counted(redis):
