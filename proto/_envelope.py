@@ -7,6 +7,13 @@ It takes every msgpack type but extension types, refuses map keys that are not
 strings, and bounds what a hostile payload can make it build: lengths (each checked
 against the bytes left before anything is read), nesting depth and the number of
 values.
+
+``unpack_copying`` reads the same envelope with msgpack's C reader, under the same
+length limits, and returns binary fields as ``bytes``. It is an order of magnitude
+faster on an envelope of many small records, and costs one copy of the binary
+fields; ``proto.codec`` uses it for payloads small enough that the copy does not
+matter. It bounds nesting by msgpack's own stack, and the number of values only by
+the payload's length (each value takes at least one byte).
 """
 
 from __future__ import annotations
@@ -14,7 +21,9 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-__all__ = ["EnvelopeError", "Limits", "unpack"]
+import msgpack
+
+__all__ = ["EnvelopeError", "Limits", "unpack", "unpack_copying"]
 
 
 class EnvelopeError(ValueError):
@@ -74,6 +83,48 @@ def unpack(payload: bytes | bytearray | memoryview, limits: Limits) -> object:
     if reader.pos != len(view):
         raise EnvelopeError(f"{len(view) - reader.pos} bytes follow the envelope")
     return value
+
+
+def unpack_copying(payload: bytes | bytearray | memoryview, limits: Limits) -> object:
+    """The one msgpack value that makes up ``payload``, binary fields copied out as ``bytes``.
+
+    Refuses what ``unpack`` refuses, but for the count of values (see the module's text).
+
+    Raises:
+        EnvelopeError: saying what is malformed.
+    """
+    try:
+        value = msgpack.unpackb(
+            payload,
+            raw=False,
+            strict_map_key=True,
+            use_list=True,
+            max_bin_len=limits.max_bin_len,
+            max_str_len=limits.max_str_len,
+            max_array_len=limits.max_array_len,
+            max_map_len=limits.max_map_len,
+            max_ext_len=0,
+        )
+    except msgpack.ExtraData as exc:
+        raise EnvelopeError(f"{len(exc.extra)} bytes follow the envelope") from None
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:
+        detail = str(exc) or type(exc).__name__
+        raise EnvelopeError(f"not msgpack within the limits ({detail})") from None
+    if type(value) is dict or type(value) is list:
+        _check_keys(value, depth=0, limits=limits)
+    return value
+
+
+def _check_keys(value: object, *, depth: int, limits: Limits) -> None:
+    """Refuse a map key that is not a string, or nesting deeper than the limits allow."""
+    if depth >= limits.max_depth:
+        raise EnvelopeError(f"nested more than {limits.max_depth} deep")
+    items = value.values() if isinstance(value, dict) else value
+    if isinstance(value, dict) and not all(type(key) is str for key in value):
+        raise EnvelopeError("a map key is not a string")
+    for item in items:  # type: ignore[union-attr]
+        if type(item) is dict or type(item) is list:
+            _check_keys(item, depth=depth + 1, limits=limits)
 
 
 class _Reader:

@@ -63,12 +63,25 @@ class Frame:
         if start == 0 and stop == self._nbytes:
             self._decompress(into)
         elif self._nbytes <= _WHOLE_BYTES:
-            if self._whole is None:
-                self._whole = np.empty(self._nbytes, np.uint8)
-                self._decompress(self._whole)
-            into.reshape(-1).view(np.uint8)[...] = self._whole[start:stop]
+            into.reshape(-1).view(np.uint8)[...] = self.view(start, stop)
         else:
             self._read_slice(start, stop, into)
+
+    def view(self, start: int, stop: int) -> np.ndarray:
+        """Bytes ``start`` to ``stop`` as a read-only uint8 array.
+
+        A frame of at most ``_WHOLE_BYTES`` is decompressed once and every view shares
+        that buffer; a larger one gives a new array per call.
+        """
+        if self._nbytes > _WHOLE_BYTES:
+            out = np.empty(stop - start, np.uint8)
+            self.read(start, stop, out)
+            return out
+        if self._whole is None:
+            self._whole = np.empty(self._nbytes, np.uint8)
+            self._decompress(self._whole)
+            self._whole.flags.writeable = False
+        return self._whole[start:stop]
 
     def _decompress(self, into: np.ndarray) -> None:
         try:

@@ -7,7 +7,7 @@ Layout of an encoded payload (msgpack map)::
                   "compression": "blosc2" | "raw", "nbytes": int, "data": bytes}]}
 
 Decoding trusts nothing: the envelope is parsed with size limits (its binary fields
-stay in the payload as views, see ``proto._envelope``), every declared size is
+stay in a payload of more than 4 MiB as views, see ``proto._envelope``), every declared size is
 checked against the caller's bound *before* anything is decompressed (blosc2's
 header states the decompressed size), and the result must match the declared dtype
 and shape. No pickle is involved anywhere. ``iter_slices`` decodes a tensor a slice
@@ -45,7 +45,7 @@ import msgpack
 import numpy as np
 
 from fedq.tensors import ModelSpec, TensorSpec
-from proto._envelope import EnvelopeError, Limits, unpack
+from proto._envelope import EnvelopeError, Limits, unpack, unpack_copying
 from proto._errors import CodecError
 from proto._frame import Frame
 
@@ -58,6 +58,7 @@ __all__ = [
     "encode_tensors",
     "iter_slices",
     "iter_tensors",
+    "check_update",
     "validate_tensor",
     "validate_update",
     "validate_values",
@@ -75,6 +76,9 @@ Q8_BLOCK = 4096
 _Q8_BLOCKS = (64, 1 << 20)  # block sizes a decoder accepts
 _Q8_LEVELS = 255
 _CHUNK = 1 << 20  # values handled at once, so that temporaries stay small
+# Payloads up to this size are read by msgpack's C reader, which copies their binary
+# fields; larger ones by the zero-copy reader, so a large update is never held twice.
+_COPYING_READER_BYTES = 4 << 20
 SLICE_VALUES = _CHUNK  # what iter_slices yields at once, unless told otherwise
 
 
@@ -192,6 +196,48 @@ def iter_slices(
             yield TensorSlice(record.name, offset, values)
 
 
+def check_update(payload: bytes | bytearray, spec: ModelSpec, *, max_abs_value: float) -> None:
+    """Check an encoded update against the model without keeping any of its values.
+
+    What ``iter_slices`` and ``validate_values`` check together: every tensor of the
+    model present once, declared right, its data whole, its values finite and within
+    ``max_abs_value``. A q8 tensor is bounded from its blocks' lo and scale: every
+    value of a block decodes (in float32, as the decoder computes it) to between
+    ``lo`` and ``lo + 255 * scale``, so when those bounds hold, its codes are only
+    decompressed, never dequantized. A tensor whose bounds do not hold is decoded and
+    checked value by value, so the verdict is the one the decoded values give.
+
+    Raises:
+        CodecError: naming the tensor and what was wrong.
+    """
+    seen = set()
+    for record in _records(payload, max_bytes=spec.update_nbytes, expected=spec):
+        if not (
+            record.compression == "q8" and record.nbytes and _q8_bounded(record, max_abs_value)
+        ):
+            for _offset, values in _slices(record, step=_CHUNK):
+                validate_values(record.name, values, max_abs_value=max_abs_value)
+        seen.add(record.name)
+
+    missing = sorted({t.name for t in spec.trainable} - seen)
+    if missing:
+        raise CodecError(f"update lacks tensors {missing[:5]} of the model")
+
+
+def _q8_bounded(record: _Record, max_abs_value: float) -> bool:
+    """Whether every block's bounds lie within ``max_abs_value``; the codes must decompress."""
+    frame, los, scales = _q8_head(record)
+    tops = np.multiply(scales, np.float32(_Q8_LEVELS))
+    tops += los
+    if not (-max_abs_value <= los.min() and tops.max() <= max_abs_value):
+        return False
+
+    head = 8 * los.size
+    for start in range(0, record.size, _CHUNK):  # a corrupt frame is refused here
+        frame.view(head + start, head + min(start + _CHUNK, record.size))
+    return True
+
+
 def validate_update(
     tensors: Mapping[str, np.ndarray],
     spec: ModelSpec,
@@ -306,8 +352,9 @@ def _unpack_envelope(payload: bytes | bytearray) -> dict[str, object]:
         max_array_len=min(limit, 1 << 20),
         max_map_len=64,
     )
+    read = unpack_copying if limit <= _COPYING_READER_BYTES else unpack
     try:
-        envelope = unpack(payload, limits)
+        envelope = read(payload, limits)
     except EnvelopeError as exc:
         raise CodecError(f"payload is not a valid msgpack envelope: {exc}") from exc
 
@@ -425,24 +472,29 @@ def _blosc2_slices(record: _Record, *, step: int) -> Iterator[tuple[int, np.ndar
 
 def _q8_slices(record: _Record, *, step: int) -> Iterator[tuple[int, np.ndarray]]:
     """Dequantized slices of a q8 record; every block's lo and scale is checked first."""
-    block, size = record.block, record.size
-    blocks = -(-size // block)
-    frame = Frame(record.data, nbytes=8 * blocks + size, typesize=1, name=record.name)
-
-    head = np.empty(8 * blocks, np.uint8)
-    frame.read(0, head.size, head)
-    los, scales = head[: 4 * blocks].view(np.float32), head[4 * blocks :].view(np.float32)
-    if not (np.isfinite(los).all() and np.isfinite(scales).all() and (scales >= 0).all()):
-        raise CodecError(
-            f"tensor {record.name!r}: q8 block minimum or scale is not a finite number"
-        )
+    frame, los, scales = _q8_head(record)
+    block, size, head = record.block, record.size, 8 * los.size
 
     step = max(block, step - step % block)
     for start in range(0, size, step):
-        codes = np.empty(min(step, size - start), np.uint8)
-        frame.read(head.size + start, head.size + start + codes.size, codes)
+        codes = frame.view(head + start, head + min(start + step, size))
         values = _dequantize(codes, los, scales, first=start // block, block=block)
         yield start, values.astype(record.dtype, copy=False)
+
+
+def _q8_head(record: _Record) -> tuple[Frame, np.ndarray, np.ndarray]:
+    """A q8 record's frame and its blocks' lo and scale, checked finite (scale >= 0)."""
+    blocks = -(-record.size // record.block)
+    frame = Frame(record.data, nbytes=8 * blocks + record.size, typesize=1, name=record.name)
+
+    head = frame.view(0, 8 * blocks).view(np.float32)
+    low, high = head.min(), head.max()  # NaN propagates into both
+    los, scales = head[:blocks], head[blocks:]
+    if not (math.isfinite(low) and math.isfinite(high) and scales.min() >= 0):
+        raise CodecError(
+            f"tensor {record.name!r}: q8 block minimum or scale is not a finite number"
+        )
+    return frame, los, scales
 
 
 def _dequantize(

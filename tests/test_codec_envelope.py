@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proto._envelope import EnvelopeError, Limits, unpack
+from proto._envelope import EnvelopeError, Limits, unpack, unpack_copying
 
 LIMITS = Limits(max_bin_len=1 << 20, max_str_len=1 << 16, max_array_len=1 << 20, max_map_len=64)
 FUZZ = settings(max_examples=300, deadline=None, database=None)
@@ -64,6 +64,18 @@ def test_arbitrary_bytes_are_refused_or_read_as_msgpack_reads_them(payload):
     assert msgpack.packb(_plain(read)) == msgpack.packb(expected)  # NaN != NaN, bits are equal
 
 
+@FUZZ
+@given(payload=st.one_of(values.map(msgpack.packb), st.binary(max_size=200)))
+def test_the_copying_reader_gives_what_the_zero_copy_reader_gives(payload):
+    def read(reader):
+        try:
+            return "read", msgpack.packb(_plain(reader(payload, LIMITS)))
+        except EnvelopeError:
+            return "refused", None
+
+    assert read(unpack_copying) == read(unpack)
+
+
 def test_binary_fields_are_read_only_views_of_the_payload():
     payload = bytearray(msgpack.packb({"data": b"\x01" * 1000, "more": [b"\x02" * 70_000]}))
 
@@ -109,6 +121,8 @@ def test_malformed_or_oversized_msgpack_is_refused(payload, message):
 
     with pytest.raises(EnvelopeError, match=message):
         unpack(payload, limits)
+    with pytest.raises(EnvelopeError):  # msgpack words its own reasons
+        unpack_copying(payload, limits)
 
 
 def test_a_payload_of_many_small_values_is_refused_quickly():

@@ -7,7 +7,16 @@ import msgpack
 import numpy as np
 import pytest
 
-from proto.codec import Q8_BLOCK, CodecError, decode_tensors, encode_tensors
+from fedq.tensors import ModelSpec
+from proto.codec import (
+    Q8_BLOCK,
+    CodecError,
+    check_update,
+    decode_tensors,
+    encode_tensors,
+    iter_slices,
+    validate_values,
+)
 
 
 def _update(size: int = 3 * Q8_BLOCK + 123, *, seed: int = 0) -> dict[str, np.ndarray]:
@@ -138,3 +147,51 @@ def test_a_q8_tensor_beyond_the_byte_bound_is_refused_before_decompressing():
 
     with pytest.raises(CodecError, match="exceed"):
         decode_tensors(payload, max_bytes=1000)
+
+
+def _verdict(check, payload: bytes, spec: ModelSpec, bound: float) -> str:
+    try:
+        check(payload, spec, max_abs_value=bound)
+    except CodecError as exc:
+        return f"refused: {exc}"
+    return "accepted"
+
+
+def _check_decoded(payload: bytes, spec: ModelSpec, *, max_abs_value: float) -> None:
+    for name, _offset, values in iter_slices(payload, max_bytes=spec.update_nbytes, expected=spec):
+        validate_values(name, values, max_abs_value=max_abs_value)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_checking_q8_bounds_gives_the_verdict_of_checking_every_decoded_value(seed):
+    update = {name: a for name, a in _update(seed=seed).items() if a.dtype.kind == "f"}
+    spec = ModelSpec.from_arrays(update)
+    payload = encode_tensors(update, codec="q8", rng=np.random.default_rng(seed))
+    decoded = decode_tensors(payload, max_bytes=spec.update_nbytes)
+    peak = max(float(np.abs(a).max()) for a in decoded.values())
+
+    # Around the largest decoded value, where the block bounds and the values part ways.
+    for bound in [peak * 0.5, np.nextafter(peak, 0), peak, np.nextafter(peak, 2 * peak), 12.0]:
+        fast = _verdict(check_update, payload, spec, bound)
+        assert fast == _verdict(_check_decoded, payload, spec, bound), bound
+        assert fast.startswith("accepted" if bound >= peak else "refused")
+
+
+def test_checking_an_update_refuses_missing_tensors_and_corrupt_codes():
+    # More than 4 MiB of codes: lo and scale are read apart from them, as slices.
+    update = {"w": np.linspace(-1, 1, 5 << 20, dtype=np.float32), "b": np.ones(3, np.float32)}
+    spec = ModelSpec.from_arrays(update)
+    envelope = _envelope(encode_tensors(update, codec="q8"))
+
+    only_w = dict(envelope, tensors=[t for t in envelope["tensors"] if t["name"] == "w"])
+    with pytest.raises(CodecError, match="lacks tensors"):
+        check_update(msgpack.packb(only_w), spec, max_abs_value=10)
+
+    # The bounds pass, but the last codes do not decompress.
+    record = next(t for t in envelope["tensors"] if t["name"] == "w")
+    record["data"] = record["data"][:-5] + b"\xff" * 4 + record["data"][-1:]
+    corrupt = msgpack.packb(envelope)
+    with pytest.raises(CodecError, match="corrupt"):
+        decode_tensors(corrupt, max_bytes=spec.update_nbytes)
+    with pytest.raises(CodecError, match="corrupt"):
+        check_update(corrupt, spec, max_abs_value=10)

@@ -62,25 +62,28 @@ async def read_payload(
             f"update declares {header.total_size} bytes; this model allows at most {max_bytes}"
         )
 
-    buffer = bytearray()
+    buffer = bytearray(header.total_size)  # filled in place: no regrowth, no copies
+    filled = 0
     trailer = None
     async for chunk in stream:
         part = chunk.WhichOneof("part")
         if part == "data":
-            if len(buffer) + len(chunk.data) > header.total_size:
+            end = filled + len(chunk.data)
+            if end > header.total_size:
                 raise UpdateTooLargeError(
                     f"update sent more than the {header.total_size} bytes its header declared"
                 )
-            buffer += chunk.data
+            buffer[filled:end] = chunk.data
+            filled = end
         elif part == "trailer":
             trailer = chunk.trailer
             break
         else:
             raise InvalidUpdateError(f"unexpected {part or 'empty'} message inside an upload")
 
-    if trailer is None or len(buffer) != header.total_size:
+    if trailer is None or filled != header.total_size:
         raise IntegrityError(
-            f"upload truncated: received {len(buffer)} of {header.total_size} bytes"
+            f"upload truncated: received {filled} of {header.total_size} bytes"
             + ("" if trailer is None else " before the trailer")
         )
     # The trailer ends an upload: a client that sends more is out of step with the protocol.
