@@ -58,7 +58,7 @@ def make_updates(model: str, clients: int, *, codec: str) -> tuple[list[bytes], 
     return payloads, expected
 
 
-def _chunks(client_id: str, token: str, payload: bytes, codec: str) -> list[pb.UpdateChunk]:
+def upload_chunks(client_id: str, token: str, payload: bytes, codec: str) -> list[pb.UpdateChunk]:
     header = pb.UpdateHeader(
         client_id=client_id,
         token=token,
@@ -79,7 +79,7 @@ def _chunks(client_id: str, token: str, payload: bytes, codec: str) -> list[pb.U
     return parts
 
 
-async def _client(stub: Any, chunks: list[pb.UpdateChunk], start: asyncio.Event) -> tuple:
+async def submit(stub: Any, chunks: list[pb.UpdateChunk], start: asyncio.Event) -> tuple:
     async def stream():
         for chunk in chunks:
             yield chunk
@@ -126,11 +126,13 @@ async def run_load(
     try:
         await asyncio.sleep(3)  # workers import and connect
         start = asyncio.Event()
-        requests = [_chunks(name, tokens[name], payloads[i], codec) for i, name in enumerate(names)]
+        requests = [
+            upload_chunks(name, tokens[name], payloads[i], codec) for i, name in enumerate(names)
+        ]
         wire_bytes = [sum(c.ByteSize() for c in r) for r in requests]
         tasks = [
             asyncio.create_task(
-                _client(pb_grpc.FederationStub(open_channels[i % len(open_channels)]), r, start)
+                submit(pb_grpc.FederationStub(open_channels[i % len(open_channels)]), r, start)
             )
             for i, r in enumerate(requests)
         ]

@@ -11,6 +11,10 @@
   messages of the same size on a durable quorum queue (persistent messages,
   publisher confirms, manual acks); the in-memory add rate (numpy int64 add of the
   fixed-point vector) and the decode + fixed-point rate of one worker thread;
+* the gRPC relay ceiling (``benchmarks.relay``): the same uploads through a gRPC
+  server that does nothing but publish each one (confirmed, persistent, same queue
+  settings) and reply, with a consumer acking them: what any gateway of this
+  architecture can reach on the machine;
 * Flower's FedAvg ``aggregate`` on the same updates, when ``flwr`` is importable by
   the interpreter in ``$FEDQ_FLWR_PYTHON`` (default ``/tmp/flwr-venv/bin/python``).
 
@@ -34,6 +38,7 @@ import aio_pika
 import numpy as np
 
 from benchmarks.load import make_updates, print_row, run_load
+from benchmarks.relay import relay_rate
 from benchmarks.stack import AMQP_URL, load_average
 from benchmarks.updates import dp_update, model_shapes
 from fedq.state.partials import fill_fixed_point
@@ -102,8 +107,11 @@ async def _raw_rate(message_bytes: int, *, messages: int, in_flight: int, prefil
             if acked == messages:
                 done.set()
 
+        consumers = []
+
         async def start_consuming() -> None:
             consume = await connection.channel()
+            consumers.append(consume)
             await consume.set_qos(prefetch_count=64 if prefill else 16)
             await (await consume.get_queue(RAW_QUEUE)).consume(on_message)
 
@@ -117,6 +125,7 @@ async def _raw_rate(message_bytes: int, *, messages: int, in_flight: int, prefil
         await timed()
         await asyncio.wait_for(done.wait(), timeout=600)
         elapsed = time.perf_counter() - started
+        await consumers[0].close()  # before the queue goes, so the broker cancels nothing
         await queue.delete(if_unused=False, if_empty=False)
         return messages / elapsed
     finally:
@@ -204,7 +213,7 @@ async def run_all(*, quick: bool) -> dict[str, Any]:
 
     ceilings = {}
     for model, clients in sizes.items():
-        payloads, _ = make_updates(model, 50, codec="q8")
+        payloads, _ = make_updates(model, clients, codec="q8")
         size = int(np.mean([len(p) for p in payloads])) + 200
         messages = max(clients, 2000 if model == "26k" else 300)
         ceilings[model] = {
@@ -215,7 +224,8 @@ async def run_all(*, quick: bool) -> dict[str, Any]:
             "rabbitmq_consume_only_per_s": round(
                 await raw_consume_rate(size, messages=messages), 1
             ),
-            **add_rates(model, payloads),
+            "grpc_relay_per_s": round(await relay_rate(payloads), 1),
+            **add_rates(model, payloads[:50]),
             "flower_fedavg_aggregate": flower_rate(model, 50),
         }
         print(model, json.dumps(ceilings[model]))
@@ -250,6 +260,7 @@ def _ratios(runs: list[dict[str, Any]], ceilings: dict[str, Any]) -> list[dict[s
                 "updates_per_s": rate,
                 "broker_ceiling_per_s": against,
                 "share_of_ceiling": round(rate / against, 3) if rate and against else None,
+                "relay_ceiling_per_s": None if r["prefilled"] else ceiling["grpc_relay_per_s"],
                 "cpu_ms_per_update": {
                     name: round(1000 * seconds / max(r["accepted"], 1), 2)
                     for name, seconds in r["cpu_seconds"].items()

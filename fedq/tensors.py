@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -25,12 +26,12 @@ class TensorSpec:
     shape: tuple[int, ...]
     dtype: str
 
-    @property
+    @cached_property
     def size(self) -> int:
         """Number of elements."""
         return int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
 
-    @property
+    @cached_property
     def nbytes(self) -> int:
         """Bytes of the uncompressed tensor."""
         return self.size * np.dtype(self.dtype).itemsize
@@ -43,7 +44,11 @@ class TensorSpec:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """Ordered tensor specs of a model; the unit of agreement between processes."""
+    """Ordered tensor specs of a model; the unit of agreement between processes.
+
+    Sizes are computed once per spec: the gateway and workers ask for them on every
+    update.
+    """
 
     tensors: tuple[TensorSpec, ...]
 
@@ -71,17 +76,17 @@ class ModelSpec:
         """Plain lists for storage: ``[[name, shape, dtype], ...]``."""
         return [[t.name, list(t.shape), t.dtype] for t in self.tensors]
 
-    @property
+    @cached_property
     def trainable(self) -> tuple[TensorSpec, ...]:
         """The tensors an update carries."""
         return tuple(t for t in self.tensors if t.trainable)
 
-    @property
+    @cached_property
     def update_size(self) -> int:
         """Elements of a flattened update."""
         return sum(t.size for t in self.trainable)
 
-    @property
+    @cached_property
     def update_nbytes(self) -> int:
         """Uncompressed bytes of an update."""
         return sum(t.nbytes for t in self.trainable)

@@ -52,6 +52,7 @@ from proto._frame import Frame
 __all__ = [
     "CODECS",
     "SLICE_VALUES",
+    "SMALL_PAYLOAD_BYTES",
     "CodecError",
     "TensorSlice",
     "decode_tensors",
@@ -79,6 +80,9 @@ _CHUNK = 1 << 20  # values handled at once, so that temporaries stay small
 # Payloads up to this size are read by msgpack's C reader, which copies their binary
 # fields; larger ones by the zero-copy reader, so a large update is never held twice.
 _COPYING_READER_BYTES = 4 << 20
+# Decoding a payload up to this size takes less time than handing it to a thread and
+# back: services decode such payloads on their event loop, larger ones in a thread.
+SMALL_PAYLOAD_BYTES = 256 * 1024
 SLICE_VALUES = _CHUNK  # what iter_slices yields at once, unless told otherwise
 
 

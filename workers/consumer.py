@@ -45,7 +45,7 @@ from fedq.state.partials import add_fixed_point
 from fedq.state.parts import PartStash
 from fedq.tasks import cancel_and_wait
 from fedq.tensors import ModelSpec
-from proto.codec import CodecError, iter_slices, validate_values
+from proto.codec import SMALL_PAYLOAD_BYTES, CodecError, iter_slices, validate_values
 from workers.settings import WorkerSettings
 from workers.weights import staleness_weight, work_weight
 
@@ -271,9 +271,12 @@ class AggregationWorker:
         """
         spec = await self._model_spec()
         try:
-            await asyncio.get_running_loop().run_in_executor(
-                None, self._add_update, batch.total, payload, examples, spec, subtract
-            )
+            if len(payload) <= SMALL_PAYLOAD_BYTES:  # a thread hop would cost more
+                self._add_update(batch.total, payload, examples, spec, subtract)
+            else:
+                await asyncio.get_running_loop().run_in_executor(
+                    None, self._add_update, batch.total, payload, examples, spec, subtract
+                )
         except BaseException:
             batch.synced = False
             raise

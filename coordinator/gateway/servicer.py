@@ -41,7 +41,7 @@ from fedq.state.versions import AsyncVersions
 from fedq.tensors import ModelSpec
 from proto import fedq_v1_pb2 as pb
 from proto import fedq_v1_pb2_grpc as pb_grpc
-from proto.codec import CodecError, check_update
+from proto.codec import SMALL_PAYLOAD_BYTES, CodecError, check_update
 
 __all__ = ["FederationServicer", "plan_to_proto"]
 
@@ -50,9 +50,6 @@ log = logging.getLogger(__name__)
 _CLIENT_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _WATCH_HEARTBEAT_S = 15.0
 _MESSAGE_SLACK_BYTES = 4096  # ids, headers and msgpack framing around a payload slice
-# Updates up to this size are checked on the event loop: a hop to a thread costs more
-# than checking them. Larger ones are checked in a thread, so uploads keep flowing.
-_INLINE_CHECK_BYTES = 256 * 1024
 
 
 class FederationServicer(pb_grpc.FederationServicer):
@@ -173,7 +170,7 @@ class FederationServicer(pb_grpc.FederationServicer):
             payload = await read_payload(
                 request_iterator, header, max_bytes=self._max_update_bytes(spec)
             )
-            if len(payload) <= _INLINE_CHECK_BYTES:
+            if len(payload) <= SMALL_PAYLOAD_BYTES:  # a thread hop would cost more
                 self._check_tensors(payload, spec)
             else:
                 await asyncio.get_running_loop().run_in_executor(
