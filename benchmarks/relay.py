@@ -26,7 +26,7 @@ import aio_pika
 import grpc
 
 from benchmarks.load import submit, upload_chunks
-from benchmarks.stack import AMQP_URL, REPO_ROOT, ensure_vhost
+from benchmarks.stack import AMQP_URL, REPO_ROOT, cpu_seconds, ensure_vhost
 from coordinator.gateway.server import GRPC_OPTIONS
 from proto import fedq_v1_pb2 as pb
 from proto import fedq_v1_pb2_grpc as pb_grpc
@@ -72,8 +72,11 @@ async def _serve(port: int, queue: str) -> None:
     await server.wait_for_termination()
 
 
-async def relay_rate(payloads: list[bytes], *, port: int = 50070, channels: int = 100) -> float:
-    """Updates/s from the first submit to the last consumer ack, through the relay."""
+async def relay_rate(
+    payloads: list[bytes], *, port: int = 50070, channels: int = 100
+) -> tuple[float, float]:
+    """Updates/s from the first submit to the last consumer ack through the relay, and
+    the relay process's CPU-milliseconds per update."""
     ensure_vhost(AMQP_URL)
     connection = await aio_pika.connect_robust(AMQP_URL)
     relay = None
@@ -117,11 +120,13 @@ async def relay_rate(payloads: list[bytes], *, port: int = 50070, channels: int 
             )
             for i, r in enumerate(requests)
         ]
+        cpu_before = cpu_seconds(relay.pid)
         started = time.perf_counter()
         start.set()
         outcomes = await asyncio.gather(*tasks)
         await asyncio.wait_for(done.wait(), timeout=600)
         elapsed = time.perf_counter() - started
+        cpu_ms = 1000 * (cpu_seconds(relay.pid) - cpu_before) / len(payloads)
         for open_channel in open_channels:
             await open_channel.close()
         refused = [outcome for outcome, _ in outcomes if outcome != "ACCEPTED"]
@@ -129,7 +134,7 @@ async def relay_rate(payloads: list[bytes], *, port: int = 50070, channels: int 
             raise RuntimeError(f"the relay refused {len(refused)} uploads: {refused[0]}")
         await consume.close()  # before the queue goes, so the broker cancels nothing
         await queue.delete(if_unused=False, if_empty=False)
-        return len(payloads) / elapsed
+        return len(payloads) / elapsed, cpu_ms
     finally:
         if relay is not None:
             relay.terminate()

@@ -47,6 +47,7 @@ from proto.codec import iter_tensors
 RESULTS = Path(__file__).parent / "results"
 FLWR_PYTHON = os.environ.get("FEDQ_FLWR_PYTHON", "/tmp/flwr-venv/bin/python")
 RAW_QUEUE = "fedq.bench.raw"
+CEILING_REPEATS = 3  # the broker's rate on this machine varies from run to run
 
 _FLWR_SCRIPT = """
 import sys, time, numpy as np
@@ -199,36 +200,24 @@ def _scenarios(quick: bool) -> list[tuple[str, int, int, bool]]:
 
 
 async def run_all(*, quick: bool) -> dict[str, Any]:
-    """Every scenario and ceiling; ``quick`` trims the client counts."""
+    """Every scenario and ceiling; ``quick`` trims the client counts.
+
+    A model's ceilings are measured just before its scenarios, ``CEILING_REPEATS``
+    times each, interleaved; the ratios use their medians.
+    """
     sizes = {model: counts[1] if quick else counts[0] for model, counts in _CLIENTS.items()}
     scenarios = _scenarios(quick)
 
-    runs = []
+    runs, ceilings = [], {}
     for model, clients, workers, prefill in scenarios:
+        if model not in ceilings:
+            ceilings[model] = await _ceilings(model, sizes[model])
+            print(model, json.dumps(ceilings[model]))
         result = await run_load(
             clients=clients, model=model, workers=workers, prefill=prefill, batch_updates=16
         )
         print_row(result)
         runs.append(result)
-
-    ceilings = {}
-    for model, clients in sizes.items():
-        payloads, _ = make_updates(model, clients, codec="q8")
-        size = int(np.mean([len(p) for p in payloads])) + 200
-        messages = max(clients, 2000 if model == "26k" else 300)
-        ceilings[model] = {
-            "message_bytes": size,
-            "rabbitmq_publish_consume_per_s": round(
-                await raw_broker_rate(size, messages=messages), 1
-            ),
-            "rabbitmq_consume_only_per_s": round(
-                await raw_consume_rate(size, messages=messages), 1
-            ),
-            "grpc_relay_per_s": round(await relay_rate(payloads), 1),
-            **add_rates(model, payloads[:50]),
-            "flower_fedavg_aggregate": flower_rate(model, 50),
-        }
-        print(model, json.dumps(ceilings[model]))
 
     return {
         "command": "python -m benchmarks.throughput" + (" --quick" if quick else ""),
@@ -237,6 +226,38 @@ async def run_all(*, quick: bool) -> dict[str, Any]:
         "runs": runs,
         "ceilings": ceilings,
         "ratios": _ratios(runs, ceilings),
+    }
+
+
+async def _ceilings(model: str, clients: int) -> dict[str, Any]:
+    """The broker and relay ceilings (medians of repeats) and the in-memory rates of a model."""
+    payloads, _ = make_updates(model, clients, codec="q8")
+    size = int(np.mean([len(p) for p in payloads])) + 200
+    messages = max(clients, 2000 if model == "26k" else 300)
+
+    measured: dict[str, list[float]] = {
+        "publish_consume": [],
+        "consume_only": [],
+        "relay": [],
+        "relay_cpu_ms": [],
+    }
+    for _ in range(CEILING_REPEATS):
+        measured["publish_consume"].append(await raw_broker_rate(size, messages=messages))
+        rate, cpu_ms = await relay_rate(payloads)
+        measured["relay"].append(rate)
+        measured["relay_cpu_ms"].append(cpu_ms)
+        measured["consume_only"].append(await raw_consume_rate(size, messages=messages))
+    runs = {name: [round(value, 2) for value in values] for name, values in measured.items()}
+    median = {name: round(float(np.median(values)), 2) for name, values in measured.items()}
+    return {
+        "message_bytes": size,
+        "rabbitmq_publish_consume_per_s": median["publish_consume"],
+        "rabbitmq_consume_only_per_s": median["consume_only"],
+        "grpc_relay_per_s": median["relay"],
+        "grpc_relay_cpu_ms_per_update": median["relay_cpu_ms"],
+        "repeats": runs,
+        **add_rates(model, payloads[:50]),
+        "flower_fedavg_aggregate": flower_rate(model, 50),
     }
 
 

@@ -183,6 +183,7 @@ def iter_slices(
     max_bytes: int,
     expected: ModelSpec | None = None,
     slice_values: int = SLICE_VALUES,
+    max_abs_value: float | None = None,
 ) -> Iterator[TensorSlice]:
     """Decode a payload a slice at a time, with the checks of ``decode_tensors``.
 
@@ -192,11 +193,15 @@ def iter_slices(
     slice into its own buffer holds the payload, one slice and, while it reads a
     compressed tensor of more than a few MiB, one copy of that tensor's compressed
     bytes. Slices may be read-only views of the payload.
+
+    With ``max_abs_value``, every slice is also checked as ``validate_values`` checks
+    it, before it is yielded; the values of a q8 tensor whose block bounds hold (see
+    ``check_update``) need no check of their own.
     """
     if slice_values < 1:
         raise ValueError(f"slice_values {slice_values}: expected >= 1")
     for record in _records(payload, max_bytes=max_bytes, expected=expected):
-        for offset, values in _slices(record, step=slice_values):
+        for offset, values in _slices(record, step=slice_values, max_abs_value=max_abs_value):
             yield TensorSlice(record.name, offset, values)
 
 
@@ -216,30 +221,32 @@ def check_update(payload: bytes | bytearray, spec: ModelSpec, *, max_abs_value: 
     """
     seen = set()
     for record in _records(payload, max_bytes=spec.update_nbytes, expected=spec):
-        if not (
-            record.compression == "q8" and record.nbytes and _q8_bounded(record, max_abs_value)
-        ):
-            for _offset, values in _slices(record, step=_CHUNK):
-                validate_values(record.name, values, max_abs_value=max_abs_value)
         seen.add(record.name)
+        if record.compression == "q8" and record.nbytes:
+            frame, los, scales = _q8_head(record)
+            if _q8_within(los, scales, max_abs_value):
+                _q8_codes_whole(frame, record)
+                continue
+        for _slice in _slices(record, step=_CHUNK, max_abs_value=max_abs_value):
+            pass
 
     missing = sorted({t.name for t in spec.trainable} - seen)
     if missing:
         raise CodecError(f"update lacks tensors {missing[:5]} of the model")
 
 
-def _q8_bounded(record: _Record, max_abs_value: float) -> bool:
-    """Whether every block's bounds lie within ``max_abs_value``; the codes must decompress."""
-    frame, los, scales = _q8_head(record)
+def _q8_within(los: np.ndarray, scales: np.ndarray, max_abs_value: float) -> bool:
+    """Whether every block decodes to values within ``max_abs_value`` (float32, as decoded)."""
     tops = np.multiply(scales, np.float32(_Q8_LEVELS))
     tops += los
-    if not (-max_abs_value <= los.min() and tops.max() <= max_abs_value):
-        return False
+    return bool(-max_abs_value <= los.min() and tops.max() <= max_abs_value)
 
-    head = 8 * los.size
-    for start in range(0, record.size, _CHUNK):  # a corrupt frame is refused here
+
+def _q8_codes_whole(frame: Frame, record: _Record) -> None:
+    """Decompress a q8 record's codes, a slice at a time, to refuse a corrupt frame."""
+    head = 8 * -(-record.size // record.block)
+    for start in range(0, record.size, _CHUNK):
         frame.view(head + start, head + min(start + _CHUNK, record.size))
-    return True
 
 
 def validate_update(
@@ -442,16 +449,28 @@ def _decode_into(record: _Record, flat: np.ndarray) -> None:
         flat[start : start + values.size] = values
 
 
-def _slices(record: _Record, *, step: int) -> Iterator[tuple[int, np.ndarray]]:
-    """(offset, values) of consecutive slices of ``step`` values (q8: whole blocks)."""
+def _slices(
+    record: _Record, *, step: int, max_abs_value: float | None = None
+) -> Iterator[tuple[int, np.ndarray]]:
+    """(offset, values) of consecutive slices of ``step`` values (q8: whole blocks).
+
+    With ``max_abs_value``, each slice is checked by ``validate_values`` first (a q8
+    record whose block bounds hold, once for all its slices).
+    """
     if record.compression == "q8" and record.nbytes:
-        yield from _q8_slices(record, step=step)
-    elif record.compression == "blosc2" and record.nbytes:
-        yield from _blosc2_slices(record, step=step)
+        yield from _q8_slices(record, step=step, max_abs_value=max_abs_value)
+        return
+    if record.compression == "blosc2" and record.nbytes:
+        pieces = _blosc2_slices(record, step=step)
     else:
         values = _raw_values(record)
-        for start in range(0, max(values.size, 1), step):
-            yield start, values[start : start + step]
+        pieces = (
+            (start, values[start : start + step]) for start in range(0, max(values.size, 1), step)
+        )
+    for start, piece in pieces:
+        if max_abs_value is not None:
+            validate_values(record.name, piece, max_abs_value=max_abs_value)
+        yield start, piece
 
 
 def _raw_values(record: _Record) -> np.ndarray:
@@ -474,15 +493,21 @@ def _blosc2_slices(record: _Record, *, step: int) -> Iterator[tuple[int, np.ndar
         yield start, values
 
 
-def _q8_slices(record: _Record, *, step: int) -> Iterator[tuple[int, np.ndarray]]:
+def _q8_slices(
+    record: _Record, *, step: int, max_abs_value: float | None = None
+) -> Iterator[tuple[int, np.ndarray]]:
     """Dequantized slices of a q8 record; every block's lo and scale is checked first."""
     frame, los, scales = _q8_head(record)
     block, size, head = record.block, record.size, 8 * los.size
+    bound = max_abs_value
+    unchecked = bound is not None and not _q8_within(los, scales, bound)
 
     step = max(block, step - step % block)
     for start in range(0, size, step):
         codes = frame.view(head + start, head + min(start + step, size))
         values = _dequantize(codes, los, scales, first=start // block, block=block)
+        if unchecked and bound is not None:
+            validate_values(record.name, values, max_abs_value=bound)
         yield start, values.astype(record.dtype, copy=False)
 
 

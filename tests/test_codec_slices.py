@@ -117,6 +117,24 @@ def test_a_bad_value_in_a_late_slice_is_still_refused(codec, value):
 
 
 @pytest.mark.parametrize("codec", CODECS)
+@pytest.mark.parametrize("value", [np.nan, np.inf, 5e3, -5e3])
+def test_slices_checked_against_a_bound_refuse_a_bad_value_before_yielding_it(codec, value):
+    update = {name: a for name, a in _update().items() if a.dtype.kind == "f"}
+    update["big"][BIG - 3] = value
+    payload = encode_tensors(update, codec=codec)
+
+    slices = iter_slices(payload, max_bytes=MAX_BYTES, slice_values=100_000, max_abs_value=1e3)
+    with pytest.raises(CodecError, match="'big'"):
+        for name, _, values in slices:
+            assert name != "big" or np.abs(values).max() <= 1e3  # a bad slice never comes out
+
+    update["big"][BIG - 3] = 0.5
+    good = encode_tensors(update, codec=codec)
+    checked = list(iter_slices(good, max_bytes=MAX_BYTES, slice_values=100_000, max_abs_value=1e3))
+    assert sum(values.size for name, _, values in checked if name == "big") >= BIG
+
+
+@pytest.mark.parametrize("codec", CODECS)
 def test_a_fixed_point_sum_built_from_slices_equals_the_whole_update(codec):
     update = {k: v for k, v in _update().items() if v.dtype.kind == "f"}
     payload = encode_tensors(update, codec=codec, rng=np.random.default_rng(4))

@@ -90,6 +90,19 @@ def test_no_charges_cost_nothing_and_a_round_without_dp_costs_everything():
     assert epsilon([*_mixed_charges(), without_dp], delta=DELTA) == math.inf
 
 
+@pytest.mark.parametrize("accountant", ["rdp", "prv", "gdp"])
+def test_noise_too_small_for_the_arithmetic_costs_everything_instead_of_failing(accountant):
+    charges = [Charge(0, "sample", 6e-246, 0.1, 6)]
+
+    assert epsilon(charges, delta=DELTA, accountant=accountant) == math.inf
+    assert (
+        tradeoff_table([6e-246], sample_rate=0.1, local_steps=2, rounds=3, delta=DELTA)[0][
+            "epsilon"
+        ]
+        == math.inf
+    )
+
+
 def test_unknown_accountant_is_refused_with_the_valid_names():
     with pytest.raises(ValueError, match="'moments'.*gdp, prv, rdp"):
         epsilon(_mixed_charges(), delta=DELTA, accountant="moments")

@@ -45,7 +45,7 @@ from fedq.state.partials import add_fixed_point
 from fedq.state.parts import PartStash
 from fedq.tasks import cancel_and_wait
 from fedq.tensors import ModelSpec
-from proto.codec import SMALL_PAYLOAD_BYTES, CodecError, iter_slices, validate_values
+from proto.codec import SMALL_PAYLOAD_BYTES, CodecError, iter_slices
 from workers.settings import WorkerSettings
 from workers.weights import staleness_weight, work_weight
 
@@ -295,9 +295,11 @@ class AggregationWorker:
 
         seen = set()
         for name, offset, values in iter_slices(
-            payload, max_bytes=spec.update_nbytes, expected=spec
+            payload,
+            max_bytes=spec.update_nbytes,
+            expected=spec,
+            max_abs_value=self._settings.max_abs_value,
         ):
-            validate_values(name, values, max_abs_value=self._settings.max_abs_value)
             begin = offsets[name] + offset
             add_fixed_point(total[begin : begin + values.size], values, examples, subtract=subtract)
             seen.add(name)

@@ -88,7 +88,9 @@ class Charge:
 def epsilon(charges: Sequence[Charge], *, delta: float, accountant: str = "rdp") -> float:
     """ε spent by the composition of ``charges`` at the given δ.
 
-    Returns 0.0 for no charges and ``math.inf`` if any charge was made without DP.
+    Returns 0.0 for no charges, and ``math.inf`` if any charge was made without DP or
+    with noise so small that the accountant's arithmetic overflows (a noise multiplier
+    near 1e-150 and below: no guarantee is left to state).
 
     Raises:
         ValueError: ``delta`` is not in (0, 1), ``accountant`` is unknown, or ``gdp`` was asked
@@ -101,7 +103,10 @@ def epsilon(charges: Sequence[Charge], *, delta: float, accountant: str = "rdp")
     if any(c.dp_mode == "none" for c in charges):
         return math.inf
 
-    return _epsilon_of_history(_merge(charges), delta=delta, accountant=accountant)
+    try:
+        return _epsilon_of_history(_merge(charges), delta=delta, accountant=accountant)
+    except (ZeroDivisionError, OverflowError):
+        return math.inf
 
 
 def tradeoff_table(
