@@ -68,12 +68,13 @@ async def read_payload(
     async for chunk in stream:
         part = chunk.WhichOneof("part")
         if part == "data":
-            end = filled + len(chunk.data)
+            data = chunk.data  # each read of a bytes field makes a new copy
+            end = filled + len(data)
             if end > header.total_size:
                 raise UpdateTooLargeError(
                     f"update sent more than the {header.total_size} bytes its header declared"
                 )
-            buffer[filled:end] = chunk.data
+            buffer[filled:end] = data
             filled = end
         elif part == "trailer":
             trailer = chunk.trailer
