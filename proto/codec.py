@@ -6,9 +6,9 @@ Layout of an encoded payload (msgpack map)::
      "tensors": [{"name": str, "dtype": str, "shape": [int, ...],
                   "compression": "blosc2" | "raw", "nbytes": int, "data": bytes}]}
 
-Decoding trusts nothing: the envelope is parsed with size limits (its binary fields
-stay in a payload of more than 4 MiB as views, see ``proto._envelope``), every declared size is
-checked against the caller's bound *before* anything is decompressed (blosc2's
+Decoding trusts nothing: the envelope is parsed with size limits (the binary fields
+of a payload over 4 MiB stay in it as views, see ``proto._envelope``), every declared
+size is checked against the caller's bound *before* anything is decompressed (blosc2's
 header states the decompressed size), and the result must match the declared dtype
 and shape. No pickle is involved anywhere. ``iter_slices`` decodes a tensor a slice
 at a time, so a consumer that folds the values into its own buffer never holds a
@@ -499,15 +499,14 @@ def _q8_slices(
     """Dequantized slices of a q8 record; every block's lo and scale is checked first."""
     frame, los, scales = _q8_head(record)
     block, size, head = record.block, record.size, 8 * los.size
-    bound = max_abs_value
-    unchecked = bound is not None and not _q8_within(los, scales, bound)
+    unchecked = max_abs_value is not None and not _q8_within(los, scales, max_abs_value)
 
     step = max(block, step - step % block)
     for start in range(0, size, step):
         codes = frame.view(head + start, head + min(start + step, size))
         values = _dequantize(codes, los, scales, first=start // block, block=block)
-        if unchecked and bound is not None:
-            validate_values(record.name, values, max_abs_value=bound)
+        if unchecked and max_abs_value is not None:
+            validate_values(record.name, values, max_abs_value=max_abs_value)
         yield start, values.astype(record.dtype, copy=False)
 
 
