@@ -103,6 +103,12 @@ def test_noise_too_small_for_the_arithmetic_costs_everything_instead_of_failing(
     )
 
 
+def test_a_tradeoff_after_no_rounds_spends_nothing_at_every_noise_level():
+    table = tradeoff_table([0.5, 2.0], sample_rate=0.1, local_steps=2, rounds=0, delta=DELTA)
+
+    assert [row["epsilon"] for row in table] == [0.0, 0.0]
+
+
 def test_unknown_accountant_is_refused_with_the_valid_names():
     with pytest.raises(ValueError, match="'moments'.*gdp, prv, rdp"):
         epsilon(_mixed_charges(), delta=DELTA, accountant="moments")

@@ -126,8 +126,10 @@ def tradeoff_table(
 
     rows = []
     for noise in noise_multipliers:
-        charges = [Charge(0, "sample", float(noise), sample_rate, local_steps * rounds)]
-        eps = epsilon(charges, delta=delta, accountant=accountant) if rounds else 0.0
+        eps = 0.0  # no round run, nothing spent
+        if rounds:
+            charges = [Charge(0, "sample", float(noise), sample_rate, local_steps * rounds)]
+            eps = epsilon(charges, delta=delta, accountant=accountant)
         rows.append(
             {
                 "noise_multiplier": float(noise),
