@@ -61,8 +61,8 @@ class _Relay(pb_grpc.FederationServicer):
         return pb.SubmitReply(outcome=pb.SubmitReply.ACCEPTED, update_id=update_id)
 
 
-async def _serve(port: int, queue: str) -> None:
-    connection = await aio_pika.connect_robust(AMQP_URL)
+async def _serve(port: int, queue: str, amqp_url: str) -> None:
+    connection = await aio_pika.connect_robust(amqp_url)
     channel = await connection.channel(publisher_confirms=True)
     server = grpc.aio.server(options=GRPC_OPTIONS)
     pb_grpc.add_FederationServicer_to_server(_Relay(channel, queue), server)
@@ -73,12 +73,17 @@ async def _serve(port: int, queue: str) -> None:
 
 
 async def relay_rate(
-    payloads: list[bytes], *, port: int = 50070, channels: int = 100
+    payloads: list[bytes],
+    *,
+    amqp_url: str = AMQP_URL,
+    port: int = 50070,
+    channels: int = 100,
+    timeout_s: float = 600,
 ) -> tuple[float, float]:
     """Updates/s from the first submit to the last consumer ack through the relay, and
     the relay process's CPU-milliseconds per update."""
-    ensure_vhost(AMQP_URL)
-    connection = await aio_pika.connect_robust(AMQP_URL)
+    ensure_vhost(amqp_url)
+    connection = await aio_pika.connect_robust(amqp_url)
     relay = None
     try:
         channel = await connection.channel()
@@ -87,7 +92,7 @@ async def relay_rate(
             RELAY_QUEUE, durable=True, arguments={"x-queue-type": "quorum"}
         )
         relay = subprocess.Popen(
-            [sys.executable, "-m", "benchmarks.relay", "--port", str(port)],
+            [sys.executable, "-m", "benchmarks.relay", "--port", str(port), "--amqp-url", amqp_url],
             cwd=REPO_ROOT,
             stdout=subprocess.PIPE,
             env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
@@ -124,7 +129,7 @@ async def relay_rate(
         started = time.perf_counter()
         start.set()
         outcomes = await asyncio.gather(*tasks)
-        await asyncio.wait_for(done.wait(), timeout=600)
+        await asyncio.wait_for(done.wait(), timeout=timeout_s)
         elapsed = time.perf_counter() - started
         cpu_ms = 1000 * (cpu_seconds(relay.pid) - cpu_before) / len(payloads)
         for open_channel in open_channels:
@@ -147,8 +152,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--port", type=int, default=50070)
     parser.add_argument("--queue", default=RELAY_QUEUE)
+    parser.add_argument("--amqp-url", default=AMQP_URL)
     args = parser.parse_args()
-    asyncio.run(_serve(args.port, args.queue))
+    asyncio.run(_serve(args.port, args.queue, args.amqp_url))
 
 
 if __name__ == "__main__":
