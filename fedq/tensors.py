@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property
+from types import MappingProxyType
 
 import numpy as np
 
@@ -80,6 +81,19 @@ class ModelSpec:
     def trainable(self) -> tuple[TensorSpec, ...]:
         """The tensors an update carries."""
         return tuple(t for t in self.tensors if t.trainable)
+
+    @cached_property
+    def trainable_by_name(self) -> Mapping[str, TensorSpec]:
+        """The tensors an update carries, by name (read-only: it is shared)."""
+        return MappingProxyType({t.name: t for t in self.trainable})
+
+    @cached_property
+    def update_offsets(self) -> Mapping[str, int]:
+        """Where each trainable tensor starts in a flattened update (read-only: it is shared)."""
+        offsets, start = {}, 0
+        for t in self.trainable:
+            offsets[t.name], start = start, start + t.size
+        return MappingProxyType(offsets)
 
     @cached_property
     def update_size(self) -> int:

@@ -230,7 +230,7 @@ def check_update(payload: bytes | bytearray, spec: ModelSpec, *, max_abs_value: 
         for _slice in _slices(record, step=_CHUNK, max_abs_value=max_abs_value):
             pass
 
-    missing = sorted({t.name for t in spec.trainable} - seen)
+    missing = sorted(spec.trainable_by_name.keys() - seen)
     if missing:
         raise CodecError(f"update lacks tensors {missing[:5]} of the model")
 
@@ -260,7 +260,7 @@ def validate_update(
     Raises:
         CodecError: naming the first tensor that does not fit.
     """
-    expected = {t.name: t for t in spec.trainable}
+    expected = spec.trainable_by_name
     missing = sorted(set(expected) - set(tensors))
     extra = sorted(set(tensors) - set(expected))
     if missing:
@@ -386,7 +386,7 @@ def _records(
     """The payload's tensor records, each checked before it is handed on."""
     envelope = _unpack_envelope(payload)
 
-    known = {t.name: t for t in expected.trainable} if expected is not None else None
+    known = expected.trainable_by_name if expected is not None else None
     seen: set[str] = set()
     budget = max_bytes
     for index, fields in enumerate(envelope["tensors"]):
@@ -399,7 +399,7 @@ def _records(
 
 
 def _check_record(
-    record: object, *, index: int, budget: int, known: dict[str, TensorSpec] | None
+    record: object, *, index: int, budget: int, known: Mapping[str, TensorSpec] | None
 ) -> _Record:
     if not isinstance(record, dict):
         raise CodecError(f"tensor #{index} is not a map")
@@ -550,7 +550,9 @@ def _is_shape(shape: object) -> bool:
     return math.prod(d for d in shape if d) <= _MAX_ELEMENTS
 
 
-def _check_declared(name: str, dtype: str, shape: list[int], known: dict[str, TensorSpec]) -> None:
+def _check_declared(
+    name: str, dtype: str, shape: list[int], known: Mapping[str, TensorSpec]
+) -> None:
     spec = known.get(name)
     if spec is None:
         raise CodecError(f"update has tensor {name!r} that the model does not have")

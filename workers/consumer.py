@@ -289,10 +289,7 @@ class AggregationWorker:
         spec: ModelSpec,
         subtract: bool,
     ) -> None:
-        offsets, start = {}, 0
-        for t in spec.trainable:
-            offsets[t.name], start = start, start + t.size
-
+        offsets = spec.update_offsets
         seen = set()
         for name, offset, values in iter_slices(
             payload,
@@ -304,7 +301,7 @@ class AggregationWorker:
             add_fixed_point(total[begin : begin + values.size], values, examples, subtract=subtract)
             seen.add(name)
 
-        missing = sorted(set(offsets) - seen)
+        missing = sorted(offsets.keys() - seen)
         if missing:
             raise CodecError(f"update lacks tensors {missing[:5]} of the model")
 
