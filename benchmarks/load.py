@@ -42,10 +42,7 @@ def make_updates(model: str, clients: int, *, codec: str) -> tuple[list[bytes], 
     """Encoded updates, one per client, and their expected fixed-point sum."""
     shapes = model_shapes(model)
     spec = ModelSpec.from_arrays({n: np.zeros(s, np.float32) for n, s in shapes.items()})
-    offsets, start = {}, 0
-    for t in spec.trainable:
-        offsets[t.name], start = start, start + t.size
-
+    offsets = spec.update_offsets
     payloads, expected = [], np.zeros(spec.update_size, np.int64)
     scratch = np.empty(spec.update_size, np.int64)
     for i in range(clients):

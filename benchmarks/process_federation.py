@@ -41,7 +41,7 @@ from benchmarks.child_processes import ChildProcesses
 from benchmarks.process_clock import stop_reason
 from benchmarks.round_timing import observe_rounds
 from benchmarks.service_env import coordinator_env
-from benchmarks.stack import AMQP_URL, REDIS_URL, REPO_ROOT, ensure_vhost
+from benchmarks.stack import AMQP_URL, REDIS_URL, REPO_ROOT, ensure_vhost, free_port
 from benchmarks.tree_memory import MemoryPeaks, available_bytes, sample_memory
 from coordinator.privacy import PrivacyLedger
 from coordinator.settings import CoordinatorSettings
@@ -143,8 +143,8 @@ async def _observed_run(
     store: RoundStore,
     queue: AmqpQueue,
 ) -> ProcessRun:
-    grpc_port = _free_port()
-    env = _service_env(settings, api_port=_free_port(), grpc_port=grpc_port)
+    grpc_port = free_port()
+    env = _service_env(settings, api_port=free_port(), grpc_port=grpc_port)
     peaks = MemoryPeaks(available_before_bytes=available_bytes())
     services_started_at = time.time()
     _start_services(children, env=env, workers=options.workers)
@@ -382,12 +382,6 @@ async def _privacy(store: RoundStore, settings: CoordinatorSettings) -> list[dic
         accountant=settings.accountant,
     )
     return list(await ledger.report())
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _listens(port: int) -> bool:

@@ -25,8 +25,9 @@ import time
 import aio_pika
 import grpc
 
+from benchmarks.broker import AckingConsumer, fresh_quorum_queue
 from benchmarks.load import submit, upload_chunks
-from benchmarks.stack import AMQP_URL, REPO_ROOT, cpu_seconds, ensure_vhost
+from benchmarks.stack import AMQP_URL, REPO_ROOT, cpu_seconds, ensure_vhost, free_port
 from coordinator.gateway.server import GRPC_OPTIONS
 from proto import fedq_v1_pb2 as pb
 from proto import fedq_v1_pb2_grpc as pb_grpc
@@ -76,21 +77,18 @@ async def relay_rate(
     payloads: list[bytes],
     *,
     amqp_url: str = AMQP_URL,
-    port: int = 50070,
+    port: int | None = None,
     channels: int = 100,
     timeout_s: float = 600,
 ) -> tuple[float, float]:
     """Updates/s from the first submit to the last consumer ack through the relay, and
-    the relay process's CPU-milliseconds per update."""
+    the relay process's CPU-milliseconds per update. ``port``: a free one by default."""
+    port = port or free_port()
     ensure_vhost(amqp_url)
     connection = await aio_pika.connect_robust(amqp_url)
-    relay = None
+    relay, open_channels = None, []
     try:
-        channel = await connection.channel()
-        await channel.queue_delete(RELAY_QUEUE)
-        queue = await channel.declare_queue(
-            RELAY_QUEUE, durable=True, arguments={"x-queue-type": "quorum"}
-        )
+        queue = await fresh_quorum_queue(await connection.channel(), RELAY_QUEUE)
         relay = subprocess.Popen(
             [sys.executable, "-m", "benchmarks.relay", "--port", str(port), "--amqp-url", amqp_url],
             cwd=REPO_ROOT,
@@ -100,18 +98,8 @@ async def relay_rate(
         if relay.stdout is None or relay.stdout.readline().strip() != b"ready":
             raise RuntimeError("the relay did not start")
 
-        done, acked = asyncio.Event(), 0
-
-        async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
-            nonlocal acked
-            await message.ack()
-            acked += 1
-            if acked == len(payloads):
-                done.set()
-
-        consume = await connection.channel()
-        await consume.set_qos(prefetch_count=16)
-        await (await consume.get_queue(RELAY_QUEUE)).consume(on_message)
+        consumer = AckingConsumer(len(payloads))
+        await consumer.start(connection, RELAY_QUEUE, prefetch=16)
 
         open_channels = [
             grpc.aio.insecure_channel(f"127.0.0.1:{port}")
@@ -129,18 +117,18 @@ async def relay_rate(
         started = time.perf_counter()
         start.set()
         outcomes = await asyncio.gather(*tasks)
-        await asyncio.wait_for(done.wait(), timeout=timeout_s)
+        refused = [outcome for outcome, _ in outcomes if outcome != "ACCEPTED"]
+        if refused:  # their messages will never come: no use waiting for them
+            raise RuntimeError(f"the relay refused {len(refused)} uploads: {refused[0]}")
+        await consumer.wait(timeout_s=timeout_s)
         elapsed = time.perf_counter() - started
         cpu_ms = 1000 * (cpu_seconds(relay.pid) - cpu_before) / len(payloads)
-        for open_channel in open_channels:
-            await open_channel.close()
-        refused = [outcome for outcome, _ in outcomes if outcome != "ACCEPTED"]
-        if refused:
-            raise RuntimeError(f"the relay refused {len(refused)} uploads: {refused[0]}")
-        await consume.close()  # before the queue goes, so the broker cancels nothing
+        await consumer.close()
         await queue.delete(if_unused=False, if_empty=False)
         return len(payloads) / elapsed, cpu_ms
     finally:
+        for open_channel in open_channels:
+            await open_channel.close()
         if relay is not None:
             relay.terminate()
             relay.wait(timeout=30)

@@ -34,6 +34,7 @@ __all__ = [
     "REDIS_URL",
     "Bench",
     "cpu_seconds",
+    "free_port",
     "load_average",
     "peak_rss_bytes",
     "proc_field_kib",
@@ -157,7 +158,7 @@ async def start_bench(
 
     bench = Bench(redis, store, partials, manager)
     for _ in range(gateways):
-        port = _free_port()
+        port = free_port()
         bench.ports.append(port)
         bench.gateways.append(
             _spawn("gateway", {"FEDQ_GRPC_PORT": str(port), **(gateway_env or {})})
@@ -231,7 +232,8 @@ def _spawn(service: str, extra: dict[str, str]) -> subprocess.Popen[bytes]:
     )
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])

@@ -37,6 +37,7 @@ from typing import Any
 import aio_pika
 import numpy as np
 
+from benchmarks.broker import AckingConsumer, fresh_quorum_queue
 from benchmarks.load import make_updates, print_row, run_load
 from benchmarks.relay import relay_rate
 from benchmarks.stack import AMQP_URL, load_average
@@ -85,13 +86,10 @@ async def _raw_rate(message_bytes: int, *, messages: int, in_flight: int, prefil
     connection = await aio_pika.connect_robust(AMQP_URL)
     try:
         publish = await connection.channel(publisher_confirms=True)
-        await publish.queue_delete(RAW_QUEUE)
-        queue = await publish.declare_queue(
-            RAW_QUEUE, durable=True, arguments={"x-queue-type": "quorum"}
-        )
+        queue = await fresh_quorum_queue(publish, RAW_QUEUE)
         body = os.urandom(message_bytes)
         slots = asyncio.Semaphore(in_flight)
-        done, acked = asyncio.Event(), 0
+        consumer = AckingConsumer(messages)
 
         async def one() -> None:
             async with slots:
@@ -101,20 +99,8 @@ async def _raw_rate(message_bytes: int, *, messages: int, in_flight: int, prefil
                     mandatory=True,
                 )
 
-        async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
-            nonlocal acked
-            await message.ack()
-            acked += 1
-            if acked == messages:
-                done.set()
-
-        consumers = []
-
         async def start_consuming() -> None:
-            consume = await connection.channel()
-            consumers.append(consume)
-            await consume.set_qos(prefetch_count=64 if prefill else 16)
-            await (await consume.get_queue(RAW_QUEUE)).consume(on_message)
+            await consumer.start(connection, RAW_QUEUE, prefetch=64 if prefill else 16)
 
         async def publish_all() -> None:
             await asyncio.gather(*(one() for _ in range(messages)))
@@ -124,9 +110,9 @@ async def _raw_rate(message_bytes: int, *, messages: int, in_flight: int, prefil
         await before()
         started = time.perf_counter()
         await timed()
-        await asyncio.wait_for(done.wait(), timeout=600)
+        await consumer.wait(timeout_s=600)
         elapsed = time.perf_counter() - started
-        await consumers[0].close()  # before the queue goes, so the broker cancels nothing
+        await consumer.close()
         await queue.delete(if_unused=False, if_empty=False)
         return messages / elapsed
     finally:
