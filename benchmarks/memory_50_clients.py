@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import subprocess
 import sys
 import time
@@ -65,7 +66,8 @@ def main() -> None:
     output = process.stdout.read() if process.stdout else ""
 
     result = {
-        "command": " ".join(command[1:]),
+        # The benchmark's own command line: the data folder's path is this machine's.
+        "command": shlex.join(["python", "-m", "benchmarks.memory_50_clients", *sys.argv[1:]]),
         "exit_code": process.returncode,
         "seconds": round(time.monotonic() - started, 1),
         "processes": len(peaks),
